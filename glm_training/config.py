@@ -1,0 +1,427 @@
+"""The typed schema of the whole YAML config, its loading, `--set` overrides and validation.
+
+Every section is a dataclass with documented defaults. Loading walks the YAML against the
+schema, so every error names the full key (`training.learning_rate`), what was wrong and,
+for typos, the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A problem with the user's config; the message names the key and what to do."""
+
+
+def _field(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+           doc: str = "", choices: tuple | None = None, min: float | None = None,
+           max: float | None = None, required: bool = False) -> Any:
+    metadata = {"doc": doc, "choices": choices, "min": min, "max": max, "required": required}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    family: str = _field("sdxl", doc="Model family: sdxl, flux_kontext, qwen_image, qwen_image_edit, "
+                         "qwen_image_edit_plus, glm_image, bagel.")
+    pretrained_model_name_or_path: str = _field(
+        None, required=True,
+        doc="Local diffusers folder or hub id; 'tiny:<family>' builds the tiny random-weight model.")
+    revision: Optional[str] = _field(None, doc="Hub revision.")
+    variant: Optional[str] = _field(None, doc="Weight variant, e.g. fp16.")
+    weight_dtype: str = _field("auto", choices=("auto", "fp32", "fp16", "bf16"),
+                               doc="dtype of frozen weights; auto follows training.mixed_precision.")
+    component: Optional[str] = _field(None, doc="Which part to train (GLM-Image: ar|dit|both; "
+                                      "BAGEL: und|gen|both). Default: the family's main part.")
+    train_text_encoder: bool = _field(False, doc="Also train the text encoder(s) (LoRA or full).")
+    gradient_checkpointing: bool = _field(False, doc="Trade compute for memory in trained parts.")
+    prediction_type: Optional[str] = _field(None, choices=(None, "epsilon", "v_prediction"),
+                                            doc="Override the scheduler's prediction type (epsilon families).")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _field(True, doc="LoRA (true) or full fine-tuning (false).")
+    rank: int = _field(16, min=1)
+    alpha: float = _field(16.0, min=0, doc="Scale = alpha / rank.")
+    dropout: float = _field(0.0, min=0, max=1)
+    target_modules: Optional[list[str]] = _field(None, doc="Module names to adapt; default per family.")
+    text_encoder_target_modules: list[str] = _field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+    init: str = _field("gaussian", choices=("gaussian", "default", "pissa", "olora"))
+    pretrained_weight: Optional[str] = _field(None, doc="Start from these LoRA weights (safetensors).")
+    save_format: str = _field("diffusers", choices=("diffusers", "comfyui", "both"),
+                              doc="comfyui also writes kohya-style lora_unet_* keys.")
+
+
+@dataclass
+class DataConfig:
+    path: str = _field(None, required=True, doc="Dataset folder or manifest file.")
+    format: str = _field("auto", choices=("auto", "folder", "metadata_jsonl"),
+                         doc="folder: prompts.txt + target_images/; metadata_jsonl: metadata.jsonl "
+                         "with file_name and text.")
+    resolution: int = _field(1024, min=8, doc="Images are resized (short side) and cropped to this.")
+    center_crop: bool = True
+    random_flip: bool = False
+    caption_dropout: float = _field(0.0, min=0, max=1, doc="Probability of training on an empty prompt.")
+    on_error: str = _field("raise", choices=("raise", "skip"),
+                           doc="raise: stop listing every bad file; skip: log and skip them.")
+    shuffle: bool = True
+    num_workers: int = _field(0, min=0)
+
+
+@dataclass
+class TrainingConfig:
+    method: str = _field("sft", choices=("sft", "dpo", "grpo"))
+    mode: str = _field("t2i", choices=("t2i", "i2i"), doc="Text-to-image or image-to-image (edit).")
+    seed: int = 42
+    batch_size: int = _field(1, min=1, doc="Per device.")
+    gradient_accumulation_steps: int = _field(1, min=1)
+    max_train_steps: Optional[int] = _field(None, min=1, doc="Optimizer steps; wins over num_epochs.")
+    num_epochs: int = _field(1, min=1)
+    learning_rate: float = _field(1e-4, min=0)
+    max_grad_norm: Optional[float] = _field(1.0, min=0, doc="Gradient clipping; null disables it.")
+    mixed_precision: str = _field("no", choices=("no", "fp16", "bf16"))
+    checkpointing_steps: int = _field(500, min=1)
+    checkpoints_total_limit: Optional[int] = _field(3, min=1)
+    resume_from_checkpoint: Optional[str] = _field(None, doc="'latest' or a checkpoint folder.")
+    weighting_scheme: str = _field("none", choices=("none", "logit_normal", "mode", "cosmap", "sigma_sqrt"),
+                                   doc="Flow families: timestep density / loss weighting (diffusers names).")
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    snr_gamma: Optional[float] = _field(None, min=0, doc="Epsilon families: min-SNR loss weighting.")
+    noise_offset: float = _field(0.0, min=0)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = _field("adamw", choices=("adamw", "adamw8bit", "prodigy", "sgd"),
+                       doc="Ignored when class_path is set.")
+    class_path: Optional[str] = _field(None, doc="Any optimizer class, e.g. torch.optim.RMSprop.")
+    weight_decay: float = _field(1e-2, min=0)
+    betas: list[float] = _field(default_factory=lambda: [0.9, 0.999])
+    eps: float = _field(1e-8, min=0)
+    kwargs: dict[str, Any] = _field(default_factory=dict, doc="Extra keyword arguments for the class.")
+    component_lr: dict[str, float] = _field(default_factory=dict,
+                                            doc="Learning rate per trained component, e.g. {ar: 1e-5, dit: 1e-4}.")
+
+
+@dataclass
+class LrSchedulerConfig:
+    name: str = _field("constant", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = _field(0, min=0)
+    min_lr_ratio: float = _field(0.0, min=0, max=1, doc="Floor of linear/cosine decay, as a fraction.")
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = _field("output", doc="Runs go to output_dir/project/v0, v1, ...")
+    project: str = "glm_training"
+    report_to: list[str] = _field(default_factory=lambda: ["tensorboard"],
+                                  doc="tensorboard is always on; add wandb to also log there.")
+    wandb_mode: str = _field("auto", choices=("auto", "online", "offline"),
+                             doc="auto: offline when no API key is configured.")
+    log_steps: int = _field(1, min=1)
+    sample_prompts: list[str] = _field(default_factory=list)
+    sample_control_images: list[str] = _field(default_factory=list, doc="i2i: one per sample prompt.")
+    sample_steps: int = _field(0, min=0, doc="Sample every N steps (0: only at the end).")
+    sample_num_inference_steps: int = _field(20, min=1)
+    sample_guidance_scale: float = _field(5.0, min=0)
+    sample_seed: int = 0
+    sample_resolution: Optional[int] = _field(None, min=8, doc="Default: data.resolution.")
+
+
+@dataclass
+class CacheConfig:
+    enabled: bool = _field(False, doc="Use precomputed text embeddings and latents.")
+    dir: str = _field("cache", doc="Shared between runs; entries are keyed by content and model.")
+    device: Optional[str] = _field(None, doc="Device used by --cache to fill it (default: training device).")
+
+
+@dataclass
+class DistributedConfig:
+    backend: str = _field("auto", choices=("auto", "nccl", "gloo"), doc="auto: nccl on GPU, gloo on CPU.")
+    find_unused_parameters: bool = False
+    timeout_minutes: int = _field(30, min=1)
+
+
+@dataclass
+class DPOConfig:
+    beta: Optional[float] = _field(None, min=0, doc="Default per family (5000 SDXL, 1000 flow, 0.1 tokens).")
+    loss_type: str = _field("sigmoid", choices=("sigmoid", "hinge", "ipo"))
+    label_smoothing: float = _field(0.0, min=0, max=0.5)
+    sft_weight: float = _field(0.0, min=0, doc="Weight of an SFT term on the preferred sample.")
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = _field(4, min=2)
+    beta: float = _field(0.0, min=0, doc="KL weight to the reference (adapter disabled).")
+    epsilon: float = _field(1e-4, min=0, doc="Clip range of the policy ratio.")
+    epsilon_high: Optional[float] = _field(None, min=0)
+    scale_rewards: str = _field("group", choices=("group", "batch", "none"))
+    num_iterations: int = _field(1, min=1)
+    loss_type: str = _field("grpo", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
+    temperature: float = _field(1.0, min=0)
+    sample_steps: int = _field(10, min=1)
+    eval_steps: int = _field(30, min=1)
+    noise_level: float = _field(0.7, min=0)
+    sde_window: Optional[list[int]] = _field(None, doc="[start, end) step indices that are stochastic.")
+    timestep_fraction: float = _field(1.0, min=0, max=1)
+    guidance_scale: float = _field(1.0, min=0)
+    train_cfg: bool = False
+    adv_clip_max: float = _field(5.0, min=0)
+    dynamic_sample: bool = False
+
+
+@dataclass
+class RewardConfig:
+    device: Optional[str] = None
+    batch_size: int = _field(8, min=1)
+    rewards: dict[str, Any] = _field(default_factory=dict, doc="name -> options (weight, type, ...).")
+    weights: dict[str, Any] = _field(default_factory=dict, doc="Per-component weights: {ar: {...}, dit: {...}}.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LrSchedulerConfig = field(default_factory=LrSchedulerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def _did_you_mean(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if value is None:
+        raise ConfigError(f"{key}: must not be null (expected {_type_name(tp)}).")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}.")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}.")
+        try:
+            as_float = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}.") from None
+        if not as_float.is_integer():
+            raise ConfigError(f"{key}: expected an integer, got {value!r}.")
+        return int(as_float)
+    if tp is float:
+        # YAML 1.1 reads `1e-4` (no dot) as a string: accept it.
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}.") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}.")
+        return str(value)
+    if origin is list:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single item where a list is expected
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}.")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}.")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}.")
+
+
+def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix or "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in raw:
+        if name not in fields:
+            key = f"{prefix}.{name}" if prefix else str(name)
+            raise ConfigError(f"Unknown key '{key}'.{_did_you_mean(str(name), list(fields))} "
+                              f"Valid keys in {where}: {', '.join(fields)}.")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in raw:
+            value = _coerce(raw[name], hints[name], key)
+        elif dataclasses.is_dataclass(hints[name]):
+            value = _build_dataclass(hints[name], {}, key)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            raise ConfigError(f"Missing required section '{key}'.")
+        meta = f.metadata
+        if meta.get("required") and value is None:
+            doc = f" ({meta['doc']})" if meta.get("doc") else ""
+            raise ConfigError(f"Missing required key '{key}'{doc}.")
+        if meta.get("choices") and value not in meta["choices"]:
+            shown = [c for c in meta["choices"] if c is not None]
+            hint = _did_you_mean(str(value), [str(c) for c in shown])
+            raise ConfigError(f"{key}: {value!r} is not one of {shown}.{hint}")
+        if value is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if meta.get("min") is not None and value < meta["min"]:
+                raise ConfigError(f"{key}: {value} is below the minimum {meta['min']}.")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise ConfigError(f"{key}: {value} is above the maximum {meta['max']}.")
+        values[name] = value
+    return cls(**values)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value, e.g. training.learning_rate=1e-4.")
+    key, raw_value = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {text!r}: empty key.")
+    return parts, yaml.safe_load(raw_value) if raw_value.strip() else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a section.")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def check_combinations(cfg: Config) -> None:
+    """Rules that involve more than one key."""
+    if not cfg.lora.enabled and cfg.lora.save_format != "diffusers":
+        raise ConfigError("lora.save_format: comfyui output needs LoRA; set lora.enabled: true "
+                          "or lora.save_format: diffusers.")
+    if not cfg.lora.enabled and cfg.lora.pretrained_weight:
+        raise ConfigError("lora.pretrained_weight is set but lora.enabled is false.")
+    if cfg.training.mode == "i2i" and cfg.model.family == "sdxl":
+        raise ConfigError("training.mode: i2i needs an edit family (flux_kontext, qwen_image_edit, "
+                          "qwen_image_edit_plus, glm_image, bagel); sdxl has no control-image input.")
+    if cfg.training.mode == "t2i" and cfg.model.family in ("qwen_image_edit", "qwen_image_edit_plus"):
+        raise ConfigError(f"model.family: {cfg.model.family} is an edit model; set training.mode: i2i "
+                          "or use model.family: qwen_image.")
+    if cfg.logging.sample_control_images and len(cfg.logging.sample_control_images) != len(
+            cfg.logging.sample_prompts):
+        raise ConfigError("logging.sample_control_images must have one image per entry of "
+                          "logging.sample_prompts.")
+    if cfg.training.mode == "i2i" and cfg.logging.sample_prompts and not cfg.logging.sample_control_images:
+        raise ConfigError("training.mode is i2i: add logging.sample_control_images (one per sample prompt).")
+    if cfg.grpo.epsilon_high is not None and cfg.grpo.epsilon_high < cfg.grpo.epsilon:
+        raise ConfigError("grpo.epsilon_high must be >= grpo.epsilon.")
+    window = cfg.grpo.sde_window
+    if window is not None and (len(window) != 2 or not 0 <= window[0] < window[1] <= cfg.grpo.sample_steps):
+        raise ConfigError(f"grpo.sde_window: {window} must be [start, end) with "
+                          f"0 <= start < end <= grpo.sample_steps ({cfg.grpo.sample_steps}).")
+    if cfg.training.method == "grpo" and cfg.training.batch_size % cfg.grpo.num_generations:
+        raise ConfigError(f"training.batch_size ({cfg.training.batch_size}) must be a multiple of "
+                          f"grpo.num_generations ({cfg.grpo.num_generations}).")
+    if cfg.training.method == "grpo" and not cfg.reward.rewards:
+        raise ConfigError("training.method: grpo needs at least one reward in reward.rewards.")
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    try:
+        cfg = _build_dataclass(Config, raw, "")
+        check_combinations(cfg)
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}") from None
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}. Pass --config with a YAML file "
+                          f"(examples in configs/).")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...).")
+    raw = apply_overrides(raw, overrides or [])
+    return config_from_dict(raw, source=str(path))
+
+
+def describe_schema() -> str:
+    """Every key with its default and documentation, for `train.py --print-schema`."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        lines.append(f"{section.name}:")
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            doc = f.metadata.get("doc", "")
+            required = " (required)" if f.metadata.get("required") else ""
+            lines.append(f"  {f.name}: {default!r}  # {_type_name(hints[f.name])}{required} {doc}".rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,277 @@
+"""Dataset formats, up-front validation, and the image pipeline (resize, crop, flip).
+
+Formats (`data.format`, detected when `auto`):
+- folder (seed 000): `prompts.txt`, one prompt per line, and `target_images/` whose files, in
+  natural sort order, pair with the lines in order. `eval_prompts.txt` + `eval_target_images/`
+  form the optional evaluation split.
+- metadata_jsonl: a folder with `metadata.jsonl`, one `{"file_name": ..., "text": ...}` per line
+  (the Hugging Face image-folder convention), or the path of such a `.jsonl` file.
+
+Every file is checked before training starts; all problems are reported together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class DataError(ValueError):
+    """Bad training data; the message lists every bad file and what to do."""
+
+
+@dataclass
+class Sample:
+    prompt: str
+    image: Path
+    control_images: list[Path] = field(default_factory=list)
+
+
+def natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+
+
+def detect_format(path: Path) -> str:
+    if path.is_file() and path.suffix == ".jsonl":
+        return "metadata_jsonl"
+    if (path / "metadata.jsonl").is_file():
+        return "metadata_jsonl"
+    if (path / "prompts.txt").is_file() or (path / "target_images").is_dir():
+        return "folder"
+    raise DataError(f"data.path {path}: no known dataset layout found. Expected prompts.txt + "
+                    "target_images/ (folder format) or metadata.jsonl with file_name/text lines.")
+
+
+def _read_folder(root: Path, split: str, problems: list[str]) -> list[Sample]:
+    prefix = "eval_" if split == "eval" else ""
+    prompts_file, images_dir = root / f"{prefix}prompts.txt", root / f"{prefix}target_images"
+    if split == "eval" and not prompts_file.exists():
+        prompts_file = root / "prompts.txt"
+    if not prompts_file.is_file():
+        problems.append(f"{prompts_file}: missing (one prompt per line)")
+    if not images_dir.is_dir():
+        problems.append(f"{images_dir}: missing folder of target images")
+    if problems:
+        return []
+    prompts = prompts_file.read_text(encoding="utf-8").splitlines()
+    while prompts and not prompts[-1].strip():
+        prompts.pop()  # a trailing newline is not an empty prompt
+    images = list_images(images_dir)
+    if len(prompts) != len(images):
+        problems.append(f"{prompts_file} has {len(prompts)} prompts but {images_dir} has "
+                        f"{len(images)} images; they pair in order, so the counts must match")
+        return []
+    return [Sample(prompt=p.strip(), image=i) for p, i in zip(prompts, images)]
+
+
+def _read_jsonl(path: Path, problems: list[str]) -> list[Sample]:
+    manifest = path if path.is_file() else path / "metadata.jsonl"
+    root = manifest.parent
+    samples = []
+    for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"{manifest}:{line_no}: not valid JSON ({error.msg})")
+            continue
+        name = row.get("file_name") or row.get("image")
+        text = row.get("text", row.get("prompt"))
+        if not name or text is None:
+            problems.append(f"{manifest}:{line_no}: needs 'file_name' and 'text' (got keys {sorted(row)})")
+            continue
+        controls = row.get("control_images") or []
+        samples.append(Sample(prompt=str(text).strip(), image=root / name,
+                              control_images=[root / c for c in controls]))
+    return samples
+
+
+def check_image(path: Path) -> str | None:
+    if not path.is_file():
+        return f"{path}: file not found"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        return f"{path}: not a readable image ({error})"
+    return None
+
+
+def load_samples(path: str | Path, fmt: str = "auto", split: str = "train",
+                 on_error: str = "raise", require_prompt: bool = True) -> list[Sample]:
+    """Read and validate a dataset; raise one DataError listing every bad file (or skip them)."""
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"data.path {root}: does not exist.")
+    fmt = detect_format(root) if fmt == "auto" else fmt
+    problems: list[str] = []
+    samples = _read_folder(root, split, problems) if fmt == "folder" else _read_jsonl(root, problems)
+    if problems:  # layout problems: nothing to skip to
+        raise DataError(f"data.path {root}: the dataset is not usable:\n  - " + "\n  - ".join(problems))
+    good = []
+    for index, sample in enumerate(samples):
+        issues = [msg for msg in (check_image(p) for p in [sample.image, *sample.control_images]) if msg]
+        if require_prompt and not sample.prompt:
+            issues.append(f"{sample.image}: empty prompt (entry {index + 1})")
+        if issues:
+            problems += issues
+        else:
+            good.append(sample)
+    if problems:
+        listing = "\n  - ".join(problems)
+        if on_error == "skip":
+            logger.warning("Skipping %d bad samples of %s:\n  - %s", len(samples) - len(good), root, listing)
+        else:
+            raise DataError(f"data.path {root}: {len(problems)} problem(s) found before training:\n  - "
+                            f"{listing}\nFix or remove these files, or set data.on_error: skip.")
+    if not good:
+        raise DataError(f"data.path {root}: no usable samples.")
+    return good
+
+
+def resize_and_crop(image: Image.Image, resolution: int, center_crop: bool = True,
+                    generator: torch.Generator | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize the short side to `resolution`, crop a square; return the crop's (top, left)."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    if center_crop:
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    else:
+        top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
+    return image.crop((left, top, left + resolution, top + resolution)), (top, left)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1]."""
+    array = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+    array = array.reshape(image.height, image.width, 3).permute(2, 0, 1)
+    return array.float() / 127.5 - 1.0
+
+
+def sample_generator(seed: int, epoch: int, index: int, salt: int = 0) -> torch.Generator:
+    """Randomness of one sample in one epoch, independent of batch size, rank and resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 10_007 + index * 31 + salt) % (2**63))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Target image (and control images) of each sample, ready for the VAE."""
+
+    def __init__(self, samples: list[Sample], resolution: int, center_crop: bool = True,
+                 random_flip: bool = False, seed: int = 0):
+        self.samples = samples
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def flip_for(self, index: int) -> bool:
+        if not self.random_flip:
+            return False
+        return bool(torch.rand(1, generator=sample_generator(self.seed, self.epoch, index, salt=1)) < 0.5)
+
+    def load(self, path: Path, index: int) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        with Image.open(path) as raw:
+            image = raw.convert("RGB")
+        original = (image.height, image.width)
+        generator = sample_generator(self.seed, self.epoch, index, salt=2)
+        image, crop = resize_and_crop(image, self.resolution, self.center_crop, generator)
+        tensor = to_tensor(image)
+        if self.flip_for(index):
+            tensor = tensor.flip(-1)
+        return tensor, original, crop
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        pixels, original, crop = self.load(sample.image, index)
+        item = {
+            "index": index,
+            "prompt": sample.prompt,
+            "pixel_values": pixels,
+            "original_size": torch.tensor(original),
+            "crop_top_left": torch.tensor(crop),
+            "target_size": torch.tensor([self.resolution, self.resolution]),
+            "flip": self.flip_for(index),
+        }
+        if sample.control_images:
+            item["control_pixel_values"] = [self.load(p, index)[0] for p in sample.control_images]
+        return item
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    batch: dict[str, Any] = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif key == "control_pixel_values":
+            batch[key] = [torch.stack(group) for group in zip(*values)]
+        else:
+            batch[key] = values
+    return batch
+
+
+class ShardedBatchSampler(torch.utils.data.Sampler):
+    """Global batches from a seeded per-epoch permutation; rank r takes its slice of each.
+
+    The order depends only on (seed, epoch), so a run on N processes sees the same global
+    batches as a run on one, and a resumed run can start at any batch (`start_batch`).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_replicas: int = 1, rank: int = 0,
+                 seed: int = 0, shuffle: bool = True):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_replicas, self.rank, self.seed, self.shuffle = num_replicas, rank, seed, shuffle
+        self.epoch, self.start_batch = 0, 0
+        if self.global_batch_size > num_samples:
+            raise DataError(f"The dataset has {num_samples} samples, fewer than one global batch "
+                            f"({batch_size} per device x {num_replicas} processes). Lower "
+                            "training.batch_size or add data.")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_replicas
+
+    def __len__(self) -> int:
+        return self.num_samples // self.global_batch_size - self.start_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
+                self.seed * 7919 + self.epoch)).tolist()
+        else:
+            order = list(range(self.num_samples))
+        full = self.num_samples // self.global_batch_size  # drop the ragged end: ranks stay in step
+        for b in range(self.start_batch, full):
+            start = b * self.global_batch_size + self.rank * self.batch_size
+            yield order[start:start + self.batch_size]

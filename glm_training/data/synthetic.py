@@ -1,0 +1,42 @@
+"""Small synthetic datasets (coloured shapes) for the quickstart, tests and benchmarks."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(shape: str, colour: str, background: str, size: int, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    extent = rng.randint(size // 3, size // 2)
+    cx, cy = rng.randint(extent // 2 + 2, size - extent // 2 - 2), rng.randint(extent // 2 + 2, size - extent // 2 - 2)
+    box = (cx - extent // 2, cy - extent // 2, cx + extent // 2, cy + extent // 2)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), (cx, box[1])], fill=COLOURS[colour])
+    return image
+
+
+def make_shapes_dataset(out_dir: str | Path, count: int = 24, size: int = 64, seed: int = 0) -> Path:
+    """Folder-format dataset: prompts.txt + target_images/NNNN.png, one shape per image."""
+    out_dir = Path(out_dir)
+    images_dir = out_dir / "target_images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    prompts = []
+    for index in range(count):
+        shape, colour, background = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(BACKGROUNDS))
+        draw_shape(shape, colour, background, size, rng).save(images_dir / f"{index:04d}.png", optimize=True)
+        prompts.append(f"a {colour} {shape} on a {background} background")
+    (out_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return out_dir

@@ -1,0 +1,99 @@
+"""Writing and reading LoRA weights in the layouts other tools load.
+
+- diffusers: `pytorch_lora_weights.safetensors` written by the pipeline class's own
+  `save_lora_weights`, so `pipeline.load_lora_weights(dir)` loads it with no warnings.
+- comfyui: kohya-style keys (`lora_unet_<module_path>.lora_down.weight`, `.lora_up.weight`,
+  `.alpha`) in `comfyui/pytorch_lora_weights.safetensors`, which ComfyUI, A1111 and diffusers load.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+KOHYA_PREFIX = {"unet": "lora_unet", "transformer": "lora_unet", "text_encoder": "lora_te1",
+                "text_encoder_2": "lora_te2"}
+
+
+def peft_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(module).items()}
+
+
+def lora_alpha(module: nn.Module) -> float:
+    return float(module.peft_config["default"].lora_alpha)
+
+
+def save_diffusers_lora(pipeline_class: Any, modules: dict[str, nn.Module], out_dir: Path,
+                        save_format: str = "diffusers") -> list[Path]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    accepted = inspect.signature(pipeline_class.save_lora_weights).parameters
+    kwargs: dict[str, Any] = {}
+    for name, module in modules.items():
+        key = f"{name}_lora_layers"
+        if key not in accepted:
+            raise ValueError(f"{pipeline_class.__name__}.save_lora_weights cannot save {name} LoRA layers.")
+        kwargs[key] = convert_state_dict_to_diffusers(peft_state_dict(module))
+        if f"{name}_lora_adapter_metadata" in accepted:
+            config = module.peft_config["default"].to_dict()
+            config["target_modules"] = sorted(config.get("target_modules") or [])
+            kwargs[f"{name}_lora_adapter_metadata"] = config
+    pipeline_class.save_lora_weights(out_dir, safe_serialization=True, **kwargs)
+    written = [out_dir / LORA_WEIGHT_NAME]
+    if save_format in ("comfyui", "both"):
+        written.append(save_kohya_lora(modules, out_dir / "comfyui" / LORA_WEIGHT_NAME))
+    return written
+
+
+def save_kohya_lora(modules: dict[str, nn.Module], path: Path) -> Path:
+    state: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        prefix = KOHYA_PREFIX.get(name, f"lora_{name}")
+        for key, tensor in peft_state_dict(module).items():
+            module_path, kind = key.rsplit(".lora_", 1)  # "<path>", "A.weight" / "B.weight"
+            kohya = f"{prefix}_{module_path.replace('.', '_')}"
+            direction = "lora_down" if kind.startswith("A") else "lora_up"
+            state[f"{kohya}.{direction}.weight"] = tensor
+            state[f"{kohya}.alpha"] = torch.tensor(lora_alpha(module))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"format": "pt", "ss_network_module": "networks.lora"})
+    return path
+
+
+def load_lora_into_modules(modules: dict[str, nn.Module], path: str | Path) -> None:
+    """Load diffusers-layout LoRA weights (`<component>.<module>.lora_A.weight`) into modules
+    that already carry an adapter; every module's LoRA tensors must be covered."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"lora.pretrained_weight: {path} does not exist.")
+    state = load_file(str(path))
+    for name, module in modules.items():
+        prefix = f"{name}."
+        # diffusers writes `lora.down`/`lora.up`; peft names them `lora_A`/`lora_B`.
+        part = convert_unet_state_dict_to_peft(
+            {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        if not part:
+            raise ValueError(f"lora.pretrained_weight: {path} has no LoRA weights for {name} "
+                             f"(keys start with {sorted({k.split('.')[0] for k in state})}).")
+        expected = set(peft_state_dict(module))
+        if set(part) != expected:
+            missing = sorted(expected - set(part))[:3]
+            extra = sorted(set(part) - expected)[:3]
+            raise ValueError(f"lora.pretrained_weight: {path} does not match the LoRA of {name} "
+                             f"(missing e.g. {missing}, unexpected e.g. {extra}); check lora.rank and "
+                             "lora.target_modules.")
+        set_peft_model_state_dict(module, part)

@@ -1,0 +1,315 @@
+"""BaseTrainer: everything a training run needs except the loss.
+
+accelerate provides the process group (DDP under torchrun / accelerate launch; NCCL on GPU,
+Gloo on CPU) and mixed precision. This class adds: optimizer and schedule from the config,
+gradient accumulation and clipping, atomic checkpoints with exact resume, SIGTERM/SIGINT
+handling, TensorBoard/W&B logging, sample grids, and a rank-0 progress bar.
+
+Subclasses implement `build_dataset()` and `compute_loss(batch)`; nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from glm_training.config import Config, ConfigError
+from glm_training.data.datasets import ShardedBatchSampler, collate
+from glm_training.models.base import ModelFamily, build_family
+from glm_training.trainers.optim import build_optimizer, build_scheduler
+from glm_training.utils import checkpoint as ckpt
+from glm_training.utils.tracking import Trackers, image_grid
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    if cfg.training.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine.")
+    backend = cfg.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=cfg.distributed.find_unused_parameters)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
+        handlers.append(InitProcessGroupKwargs(
+            backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes)))
+    return Accelerator(mixed_precision=cfg.training.mixed_precision, kwargs_handlers=handlers)
+
+
+class BaseTrainer:
+    method = "base"
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None):
+        self.cfg = cfg
+        self.accelerator = make_accelerator(cfg)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.global_step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self._stop_requested = False
+        self.resume_path = self._resolve_resume()
+        self.run_dir = self._prepare_run_dir(run_dir)
+        self.family: ModelFamily | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # Hooks for subclasses
+
+    def build_dataset(self) -> torch.utils.data.Dataset:
+        raise TypeError(f"{type(self).__name__} must implement build_dataset()")
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise TypeError(f"{type(self).__name__} must implement compute_loss()")
+
+    def sample_images(self, step: int) -> None:
+        """Write a grid of samples from `logging.sample_prompts` (families that can sample)."""
+
+    # ------------------------------------------------------------------------------------------
+    # Run folder and resume
+
+    def _resolve_resume(self) -> Path | None:
+        value = self.cfg.training.resume_from_checkpoint
+        if not value:
+            return None
+        if value == "latest":
+            found = ckpt.find_latest_checkpoint(self.cfg.logging.output_dir, self.cfg.logging.project)
+            if found is None:
+                logger.warning("training.resume_from_checkpoint: latest: no checkpoint under %s/%s; "
+                               "starting a new run.", self.cfg.logging.output_dir, self.cfg.logging.project)
+            return found
+        path = Path(value)
+        if not (path / ckpt.STATE_FILE).is_file():
+            raise ConfigError(f"training.resume_from_checkpoint: {path} is not a complete checkpoint "
+                              "folder (checkpoint-<step> with trainer_state.json); use 'latest'.")
+        return path
+
+    def _prepare_run_dir(self, run_dir: Path | None) -> Path:
+        if run_dir is None:
+            if self.resume_path is not None:
+                run_dir = self.resume_path.parent  # a resumed run continues in its own folder
+            else:
+                chosen = [str(ckpt.new_run_dir(self.cfg.logging.output_dir, self.cfg.logging.project))
+                          if self.is_main else None]
+                if self.accelerator.num_processes > 1:
+                    from accelerate.utils import broadcast_object_list
+
+                    broadcast_object_list(chosen)
+                run_dir = Path(chosen[0])
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            name = "config.yaml" if self.resume_path is None else f"config-resume-{self.global_step}.yaml"
+            (run_dir / name).write_text(self.cfg.to_yaml())
+        return run_dir
+
+    # ------------------------------------------------------------------------------------------
+    # Setup
+
+    def setup(self) -> None:
+        torch.manual_seed(self.cfg.training.seed)
+        self.family = build_family(self.cfg, self.device)
+        self.family.setup_training()
+        self.dataset = self.build_dataset()
+        acc = self.accelerator
+        self.sampler = ShardedBatchSampler(
+            len(self.dataset), self.cfg.training.batch_size, acc.num_processes, acc.process_index,
+            seed=self.cfg.training.seed, shuffle=self.cfg.data.shuffle)
+        self.batches_per_epoch = len(self.sampler)
+        steps_per_epoch = max(1, self.batches_per_epoch // self.cfg.training.gradient_accumulation_steps)
+        self.max_steps = self.cfg.training.max_train_steps or steps_per_epoch * self.cfg.training.num_epochs
+        groups = {name: [p for p in module.parameters() if p.requires_grad]
+                  for name, module in self.family.components().items()}
+        optimizer = build_optimizer(self.cfg, groups)
+        self.scheduler = build_scheduler(self.cfg, optimizer, self.max_steps)
+        for name in self.family.trained:
+            self.family.modules[name] = acc.prepare_model(self.family.modules[name])
+        self.optimizer = acc.prepare_optimizer(optimizer)
+        self.trainable_params = [p for params in groups.values() for p in params]
+        if self.resume_path is not None:
+            self._restore(self.resume_path)
+        self.trackers = Trackers(self.run_dir, self.cfg.logging.report_to, self.cfg.logging.project,
+                                 self.cfg.to_dict(), self.cfg.logging.wandb_mode, enabled=self.is_main)
+
+    def _restore(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.accelerator.process_index)
+        self.family.load_trainable_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(*state["rng"])
+        trainer_state = state["trainer_state"]
+        self.global_step = trainer_state["global_step"]
+        self.epoch = trainer_state["epoch"]
+        self.batch_in_epoch = trainer_state["batch_in_epoch"]
+        if self.is_main:
+            logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, self.global_step,
+                        self.epoch, self.batch_in_epoch)
+
+    def dataloader(self, start_batch: int) -> torch.utils.data.DataLoader:
+        self.sampler.set_epoch(self.epoch, start_batch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self.sampler, collate_fn=collate,
+            num_workers=self.cfg.data.num_workers)
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        tensors, meta = ckpt.rng_state()
+        gathered = [(tensors, meta)]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([(tensors, meta)])
+        path = None
+        if self.is_main:
+            state = {"global_step": self.global_step, "epoch": self.epoch,
+                     "batch_in_epoch": self.batch_in_epoch, "method": self.method,
+                     "family": self.cfg.model.family, "num_processes": acc.num_processes}
+            path = ckpt.save_checkpoint(
+                self.run_dir, self.global_step, trainable=self.family.trainable_state_dict(),
+                optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
+                rank_rng=gathered, extra_writer=self.family.save_adapter,
+                total_limit=self.cfg.training.checkpoints_total_limit)
+            logger.info("Saved %s", path)
+        acc.wait_for_everyone()
+        return path
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        if self.is_main:
+            logger.warning("Received %s: saving a checkpoint at the next step boundary, then exiting.",
+                           signal.Signals(signum).name)
+
+    def _any_rank_stopping(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0], device=self.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    def optimizer_step(self) -> float | None:
+        grad_norm = None
+        if self.cfg.training.max_grad_norm:
+            grad_norm = self.accelerator.clip_grad_norm_(self.trainable_params, self.cfg.training.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return None if grad_norm is None else float(grad_norm)
+
+    def train(self) -> Path:
+        if self.family is None:
+            self.setup()
+        acc = self.accelerator
+        accumulation = self.cfg.training.gradient_accumulation_steps
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        progress = tqdm(total=self.max_steps, initial=self.global_step, disable=not self.is_main,
+                        desc=f"{self.method} {self.cfg.model.family}", dynamic_ncols=True)
+        window: list[dict[str, float]] = []
+        micro = 0
+        stopped_by_signal = False
+        try:
+            while self.global_step < self.max_steps and not stopped_by_signal:
+                if self.batch_in_epoch >= self.batches_per_epoch:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                for batch in self.dataloader(self.batch_in_epoch):
+                    sync = (micro + 1) % accumulation == 0
+                    with contextlib.ExitStack() as stack:
+                        if not sync:
+                            for name in self.family.trained:
+                                stack.enter_context(acc.no_sync(self.family.modules[name]))
+                        loss, metrics = self.compute_loss(batch)
+                        acc.backward(loss / accumulation)
+                    window.append(metrics)
+                    micro += 1
+                    self.batch_in_epoch += 1
+                    if not sync:
+                        continue
+                    grad_norm = self.optimizer_step()
+                    self.global_step += 1
+                    self._log_step(window, grad_norm, progress)
+                    window = []
+                    if self.global_step % self.cfg.training.checkpointing_steps == 0:
+                        self.save_checkpoint()
+                    if self.cfg.logging.sample_steps and self.global_step % self.cfg.logging.sample_steps == 0:
+                        self._sample(self.global_step)
+                    if self._any_rank_stopping():
+                        stopped_by_signal = True
+                        break
+                    if self.global_step >= self.max_steps:
+                        break
+            last = ckpt.list_checkpoints(self.run_dir)
+            if not last or last[-1].name != f"checkpoint-{self.global_step}":
+                self.save_checkpoint()
+            if not stopped_by_signal:
+                sample_steps = self.cfg.logging.sample_steps
+                if not sample_steps or self.global_step % sample_steps:
+                    self._sample(self.global_step)
+                self.save_final()
+        finally:
+            progress.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            if getattr(self, "trackers", None) is not None:
+                self.trackers.close()
+        acc.wait_for_everyone()
+        return self.run_dir
+
+    def _log_step(self, window: list[dict[str, float]], grad_norm: float | None, progress: tqdm) -> None:
+        averaged = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
+        if self.accelerator.num_processes > 1:
+            keys = sorted(averaged)
+            values = torch.tensor([averaged[k] for k in keys], device=self.device, dtype=torch.float64)
+            values = self.accelerator.reduce(values, reduction="mean")
+            averaged = dict(zip(keys, values.tolist()))
+        for group in self.optimizer.param_groups:
+            averaged[f"lr/{group.get('name', 'default')}"] = group["lr"]
+        if grad_norm is not None and math.isfinite(grad_norm):
+            averaged["grad_norm"] = grad_norm
+        progress.update(1)
+        progress.set_postfix(loss=f"{averaged.get('loss', float('nan')):.4f}",
+                             lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        if self.global_step % self.cfg.logging.log_steps == 0 or self.global_step == self.max_steps:
+            self.trackers.log(averaged, self.global_step)
+
+    def _sample(self, step: int) -> None:
+        if not self.cfg.logging.sample_prompts:
+            return
+        if self.is_main:
+            started = time.time()
+            self.sample_images(step)
+            logger.info("Sampled %d images in %.1fs", len(self.cfg.logging.sample_prompts), time.time() - started)
+        self.accelerator.wait_for_everyone()
+
+    def save_final(self) -> None:
+        """The trained weights in the user-facing layout, in `<run>/final`."""
+        if self.is_main:
+            written = self.family.save_adapter(self.run_dir / "final")
+            logger.info("Saved final weights: %s", ", ".join(str(p) for p in written))
+        self.accelerator.wait_for_everyone()
+
+    def save_samples(self, images: list, captions: list[str], step: int) -> Path:
+        grid = image_grid(images, captions)
+        path = self.run_dir / "samples" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        self.trackers.log_image("samples", grid, step)
+        return path

@@ -1,0 +1,127 @@
+"""Turning a data batch into what a diffusion family's `predict` needs, through the cache.
+
+Shared by every diffusion trainer (SFT, DPO, GRPO) and by `train.py --cache`. With the cache
+enabled, prompt embeddings and latents are read from disk and only misses are computed (and
+stored), so a run whose cache was filled never loads the text encoders.
+
+Per-sample randomness (caption dropout, noise, timesteps) is drawn from a generator seeded by
+(seed, epoch, dataset index): the same sample gets the same draw whatever the batch size, the
+number of processes, or where a run was resumed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glm_training.data.cache import EmbeddingCache
+from glm_training.data.datasets import Sample, sample_generator
+from glm_training.models.base import DiffusionFamily
+
+SALT_CAPTION_DROPOUT, SALT_NOISE = 4, 3
+
+
+class ConditionEncoder:
+    def __init__(self, family: DiffusionFamily, samples: list[Sample], cache_dir: str | None,
+                 resolution: int, caption_dropout: float = 0.0, seed: int = 0,
+                 random_flip: bool = False):
+        self.family = family
+        self.random_flip = random_flip
+        self.samples = samples
+        self.resolution = resolution
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.cache = EmbeddingCache(cache_dir, family.cache_identity()) if cache_dir else None
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def prompts_for(self, batch: dict[str, Any], epoch: int) -> list[str]:
+        prompts = list(batch["prompt"])
+        if self.caption_dropout > 0:
+            for i, index in enumerate(batch["index"]):
+                draw = torch.rand(1, generator=sample_generator(self.seed, epoch, index, SALT_CAPTION_DROPOUT))
+                if draw.item() < self.caption_dropout:
+                    prompts[i] = ""
+        return prompts
+
+    def encode_prompts(self, prompts: list[str], control_paths: list[list[Path]] | None = None,
+                       control_pixels: list[list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        uses_images = self.family.prompt_uses_images
+        if self.cache is None:
+            return self.family.encode_prompt(prompts, control_pixels if uses_images else None)
+        keys = [self.cache.prompt_key(p, control_paths[i] if uses_images and control_paths else None)
+                for i, p in enumerate(prompts)]
+        found = [self.cache.get(k) for k in keys]
+        missing = [i for i, item in enumerate(found) if item is None]
+        if missing:
+            controls = None
+            if uses_images and control_pixels is not None:
+                controls = [[group[i:i + 1] for i in missing] for group in control_pixels]
+            with torch.no_grad():
+                fresh = self.family.encode_prompt([prompts[i] for i in missing], controls)
+            for j, i in enumerate(missing):
+                found[i] = {k: v[j:j + 1].cpu() for k, v in fresh.items()}
+                self.cache.put(keys[i], found[i])
+        return {k: v.to(self.family.device) for k, v in self.family.collate_prompt_embeds(found).items()}
+
+    # -- images --------------------------------------------------------------------------------
+
+    def encode_latents(self, pixels: torch.Tensor, paths: list[Path], flips: list[bool],
+                       role: str = "target") -> torch.Tensor:
+        if self.cache is None:
+            with torch.no_grad():
+                return self.family.encode_images(pixels)
+        keys = [self.cache.latent_key(p, self.resolution, f, role) for p, f in zip(paths, flips)]
+        found = [self.cache.get(k) for k in keys]
+        missing = [i for i, item in enumerate(found) if item is None]
+        if missing:
+            with torch.no_grad():
+                fresh = self.family.encode_images(pixels[missing])
+            for j, i in enumerate(missing):
+                found[i] = {"latents": fresh[j:j + 1].cpu()}
+                self.cache.put(keys[i], found[i])
+        return torch.cat([item["latents"] for item in found]).to(self.family.device)
+
+    # -- the whole batch -----------------------------------------------------------------------
+
+    def __call__(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """-> (target latents, condition for `family.predict`)."""
+        samples = [self.samples[i] for i in batch["index"]]
+        flips = batch.get("flip", [False] * len(samples))
+        latents = self.encode_latents(batch["pixel_values"], [s.image for s in samples], flips)
+        control_paths = [s.control_images for s in samples]
+        controls = batch.get("control_pixel_values")
+        prompt_embeds = self.encode_prompts(self.prompts_for(batch, epoch), control_paths, controls)
+        if controls is not None:
+            batch = dict(batch)
+            batch["control_latents"] = [
+                self.encode_latents(group, [paths[k] for paths in control_paths], flips, role=f"control{k}")
+                for k, group in enumerate(controls)]
+        return latents, self.family.condition(prompt_embeds, batch)
+
+    def noise_and_timesteps(self, latents: torch.Tensor, indices: list[int], epoch: int,
+                            noise_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        noises, timesteps = [], []
+        for i, index in enumerate(indices):
+            generator = sample_generator(self.seed, epoch, index, SALT_NOISE)
+            noise = torch.randn(latents.shape[1:], generator=generator)
+            if noise_offset:
+                noise = noise + noise_offset * torch.randn(latents.shape[1], 1, 1, generator=generator)
+            noises.append(noise)
+            timesteps.append(self.family.objective.sample_timesteps(1, latents[i:i + 1], generator))
+        noise = torch.stack(noises).to(latents.device, latents.dtype)
+        return noise, torch.cat(timesteps)
+
+    def fill(self, batch: dict[str, Any]) -> None:
+        """Compute and store every cache entry of a batch (all of its epochs' variants)."""
+        samples = [self.samples[i] for i in batch["index"]]
+        paths, flips = [s.image for s in samples], batch["flip"]
+        self.encode_latents(batch["pixel_values"], paths, flips)
+        if self.random_flip:  # the other orientation is used in other epochs
+            self.encode_latents(batch["pixel_values"].flip(-1), paths, [not f for f in flips])
+        if self.caption_dropout > 0:
+            self.encode_prompts([""])
+        control_paths = [s.control_images for s in samples]
+        self.encode_prompts(list(batch["prompt"]), control_paths, batch.get("control_pixel_values"))

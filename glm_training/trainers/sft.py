@@ -1,0 +1,80 @@
+"""Supervised fine-tuning of diffusion families: the denoising loss of the family's objective.
+
+loss = mean_b( w(t_b) * mean_{c,h,w} (predict(x_t, t) - target(x0, eps, t))^2 )
+with x_t, target and w from the family's objective (epsilon / v-prediction or flow matching).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from glm_training.algorithms.objectives import per_sample_mse
+from glm_training.config import ConfigError
+from glm_training.data.datasets import ImageDataset, load_samples
+from glm_training.models.base import DiffusionFamily
+from glm_training.trainers.base import BaseTrainer
+from glm_training.trainers.conditioning import ConditionEncoder
+
+
+def diffusion_sft_loss(family: DiffusionFamily, latents: torch.Tensor, condition: dict[str, Any],
+                       noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample weighted denoising loss, shape (B,)."""
+    objective = family.objective
+    noisy = objective.add_noise(latents, noise, timesteps)
+    prediction = family.predict(noisy, timesteps, condition)
+    target = objective.target(latents, noise, timesteps)
+    return per_sample_mse(prediction, target) * objective.loss_weights(timesteps).to(prediction.device)
+
+
+def build_diffusion_data(cfg, family: DiffusionFamily) -> tuple[ImageDataset, ConditionEncoder]:
+    """The validated dataset and the encoder that turns its batches into model inputs."""
+    data = cfg.data
+    if cfg.cache.enabled and not data.center_crop:
+        raise ConfigError("cache.enabled needs data.center_crop: true (random crops change the latents).")
+    samples = load_samples(data.path, data.format, on_error=data.on_error,
+                           require_prompt=data.caption_dropout < 1)
+    encoder = ConditionEncoder(family, samples, cfg.cache.dir if cfg.cache.enabled else None,
+                               data.resolution, data.caption_dropout, cfg.training.seed, data.random_flip)
+    dataset = ImageDataset(samples, data.resolution, data.center_crop, data.random_flip, seed=cfg.training.seed)
+    return dataset, encoder
+
+
+class DiffusionTrainer(BaseTrainer):
+    """Dataset, conditioning and sampling shared by the diffusion trainers."""
+
+    def build_dataset(self) -> ImageDataset:
+        dataset, self.encoder = build_diffusion_data(self.cfg, self.family)
+        return dataset
+
+    def sample_images(self, step: int) -> None:
+        log = self.cfg.logging
+        prompts = list(log.sample_prompts)
+        resolution = log.sample_resolution or self.cfg.data.resolution
+        controls = None
+        if log.sample_control_images:
+            from PIL import Image
+
+            controls = [Image.open(p).convert("RGB") for p in log.sample_control_images]
+        kwargs = {}
+        if self.encoder.cache is not None and not self.family.prompt_uses_images:
+            kwargs["prompt_embeds"] = self.encoder.encode_prompts(prompts)
+            kwargs["negative_prompt_embeds"] = self.encoder.encode_prompts([""] * len(prompts))
+        images = self.family.sample(prompts, height=resolution, width=resolution,
+                                    num_inference_steps=log.sample_num_inference_steps,
+                                    guidance_scale=log.sample_guidance_scale, seed=log.sample_seed,
+                                    control_images=controls, **kwargs)
+        self.save_samples(images, prompts, step)
+
+
+class SFTTrainer(DiffusionTrainer):
+    method = "sft"
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        latents, condition = self.encoder(batch, self.epoch)
+        noise, timesteps = self.encoder.noise_and_timesteps(
+            latents, batch["index"], self.epoch, self.cfg.training.noise_offset)
+        per_sample = diffusion_sft_loss(self.family, latents, condition, noise, timesteps)
+        loss = per_sample.mean()
+        return loss, {"loss": loss.item()}

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Train only GLM-Image's autoregressive generator (model.component=ar). Same flags as train.py."""
+import sys
+
+from glm_training.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(component="ar"))
