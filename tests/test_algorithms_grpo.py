@@ -54,8 +54,11 @@ def test_group_ids_need_not_be_contiguous() -> None:
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_constant_reward_groups_get_exactly_zero_and_are_masked(scale: str) -> None:
-    # 0.1 is not representable: a float mean of equal values can be off by an ulp
-    rewards = torch.tensor([0.1, 0.1, 0.1, 0.7, 0.2, 0.3, 0.3], dtype=torch.float32)
+    # the float32 mean of three copies of this value is one ulp off it: "r - mean" is not 0,
+    # only the exact all-equal test gives the required exact zero
+    c = 0.4900934100151062
+    assert (torch.full((3,), c).sum() / 3).item() != c
+    rewards = torch.tensor([c, c, c, 0.7, 0.2, 0.3, 0.3], dtype=torch.float32)
     groups = torch.tensor([0, 0, 0, 1, 1, 2, 3])  # group 2 has size 1, group 3 size 1
     adv, valid, stats = compute_advantages(rewards, groups, scale_rewards=scale)
     assert torch.isfinite(adv).all()

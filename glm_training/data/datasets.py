@@ -124,7 +124,7 @@ def load_samples(path: str | Path, fmt: str = "auto", split: str = "train",
     fmt = detect_format(root) if fmt == "auto" else fmt
     problems: list[str] = []
     samples = _read_folder(root, split, problems) if fmt == "folder" else _read_jsonl(root, problems)
-    if problems:  # layout problems: nothing to skip to
+    if problems and not samples:  # layout problems: nothing to skip to
         raise DataError(f"data.path {root}: the dataset is not usable:\n  - " + "\n  - ".join(problems))
     good = []
     for index, sample in enumerate(samples):
@@ -138,7 +138,7 @@ def load_samples(path: str | Path, fmt: str = "auto", split: str = "train",
     if problems:
         listing = "\n  - ".join(problems)
         if on_error == "skip":
-            logger.warning("Skipping %d bad samples of %s:\n  - %s", len(samples) - len(good), root, listing)
+            logger.warning("Skipping bad samples of %s:\n  - %s", root, listing)
         else:
             raise DataError(f"data.path {root}: {len(problems)} problem(s) found before training:\n  - "
                             f"{listing}\nFix or remove these files, or set data.on_error: skip.")

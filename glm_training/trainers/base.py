@@ -118,8 +118,10 @@ class BaseTrainer:
     # Setup
 
     def setup(self) -> None:
-        torch.manual_seed(self.cfg.training.seed)
         self.family = build_family(self.cfg, self.device)
+        # Seed after loading (building a tiny model draws random numbers): LoRA init and dropout
+        # then depend only on the seed.
+        torch.manual_seed(self.cfg.training.seed)
         self.family.setup_training()
         self.dataset = self.build_dataset()
         acc = self.accelerator
@@ -162,7 +164,10 @@ class BaseTrainer:
             self.dataset.set_epoch(self.epoch)
         return torch.utils.data.DataLoader(
             self.dataset, batch_sampler=self.sampler, collate_fn=collate,
-            num_workers=self.cfg.data.num_workers)
+            num_workers=self.cfg.data.num_workers,
+            # Its own generator: a new loader must not draw from the global RNG, or a resumed
+            # run (which makes one more loader) would diverge from an unbroken one.
+            generator=torch.Generator().manual_seed(self.cfg.training.seed + self.epoch))
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints

@@ -1,8 +1,9 @@
 """LoRA on BAGEL's experts (peft), saved as safetensors in peft's adapter layout.
 
 `component` picks the expert: `und` adapts the understanding projections of every LM layer
-(`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`), `gen` the same projections with the
-official `_moe_gen` suffix, `both` all of them.
+(`self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`), `gen` the generation expert's
+(`self_attn.{q,k,v,o}_proj_moe_gen`, `mlp_moe_gen.{gate,up,down}_proj`, the official names), `both`
+all of them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from torch import nn
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
-_PROJECTIONS = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 _SUFFIX = {"und": "", "gen": "_moe_gen", "both": "(_moe_gen)?"}
 
 
@@ -28,7 +28,10 @@ def lora_target_modules(component: str) -> str:
     """A peft `target_modules` regex (matched against full module names) for an expert."""
     if component not in _SUFFIX:
         raise ValueError(f"component must be one of {sorted(_SUFFIX)}, got {component!r}.")
-    return rf"language_model\.model\.layers\.\d+\.{_PROJECTIONS}{_SUFFIX[component]}"
+    suffix = _SUFFIX[component]
+    # Official names: self_attn.q_proj_moe_gen (suffix on the projection), mlp_moe_gen.gate_proj (on the MLP).
+    return (rf"language_model\.model\.layers\.\d+\."
+            rf"(self_attn\.(q|k|v|o)_proj{suffix}|mlp{suffix}\.(gate|up|down)_proj)")
 
 
 def make_lora_config(component: str, rank: int = 16, alpha: float = 16.0, dropout: float = 0.0,

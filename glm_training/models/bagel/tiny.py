@@ -56,8 +56,9 @@ def build_tiny_tokenizer(out_dir: Path):
 
 def _init_tiny_weights(model: BagelModel, generator: torch.Generator) -> None:
     """Random stand-in for pretrained weights: N(0, 0.02) for every linear / embedding tensor of
-    the transformer parts (llm2vae included, unlike the official zero init, so that generation
-    depends on the LM), ones for the norms; the autoencoder keeps PyTorch's seeded init."""
+    the transformer parts, ones for the norms; the autoencoder keeps PyTorch's seeded init.
+    llm2vae (zero in the official init) gets N(0, 1/hidden) so that velocities have unit scale and
+    depend on the LM, as in a trained model."""
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.startswith("vae"):
@@ -70,6 +71,7 @@ def _init_tiny_weights(model: BagelModel, generator: torch.Generator) -> None:
                 module.weight.fill_(1.0)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+        model.llm2vae.weight.normal_(0.0, model.bagel_config.hidden_size ** -0.5, generator=generator)
 
 
 def build_tiny_bagel(out_dir: Path, seed: int = 0) -> Path:
