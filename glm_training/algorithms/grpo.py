@@ -66,7 +66,8 @@ def compute_advantages(
         eps: added to the std before dividing.
 
     Returns:
-        ``(advantages (B,) float32, valid (B,) bool, stats)`` with stats
+        ``(advantages (B,) float32 (float64 stays float64), valid (B,) bool, stats)``, all
+        detached, with stats
         ``zero_std_fraction`` (fraction of *samples* in zero-std groups, TRL's
         ``frac_reward_zero_std``), ``reward_mean`` and ``reward_std`` over the batch.
     """

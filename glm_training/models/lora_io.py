@@ -89,11 +89,12 @@ def load_lora_into_modules(modules: dict[str, nn.Module], path: str | Path) -> N
         if not part:
             raise ValueError(f"lora.pretrained_weight: {path} has no LoRA weights for {name} "
                              f"(keys start with {sorted({k.split('.')[0] for k in state})}).")
-        expected = set(peft_state_dict(module))
-        if set(part) != expected:
-            missing = sorted(expected - set(part))[:3]
-            extra = sorted(set(part) - expected)[:3]
+        expected = {k: v.shape for k, v in peft_state_dict(module).items()}
+        wrong_shape = sorted(k for k in set(part) & set(expected) if part[k].shape != expected[k])
+        if set(part) != set(expected) or wrong_shape:
+            missing = sorted(set(expected) - set(part))[:3]
+            extra = sorted(set(part) - set(expected))[:3]
             raise ValueError(f"lora.pretrained_weight: {path} does not match the LoRA of {name} "
-                             f"(missing e.g. {missing}, unexpected e.g. {extra}); check lora.rank and "
-                             "lora.target_modules.")
+                             f"(missing e.g. {missing}, unexpected e.g. {extra}, other shape e.g. "
+                             f"{wrong_shape[:3]}); check lora.rank and lora.target_modules.")
         set_peft_model_state_dict(module, part)

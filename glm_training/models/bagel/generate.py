@@ -20,6 +20,9 @@ Facts from the official repository github.com/ByteDance-Seed/Bagel (our own code
   [0.4, 1.0], renorm "global"; editing cfg_text 4.0, cfg_img 2.0, interval [0.0, 1.0], renorm
   "text_channel"; timestep_shift 3.0, 50 timesteps; images resized with (1024, 512, stride 16)
   for the VAE and (980, 224, stride 14) for the ViT.
+- `bagel.py` (`prepare_start_tokens`, `generate_text`, `chat`): understanding decodes from
+  `<|im_start|>` at the context's next RoPE position, one token at a time with the KV cache, until
+  `<|im_end|>`.
 """
 
 from __future__ import annotations
@@ -226,6 +229,44 @@ class BagelSampler:
         finally:
             self.model.train(was_training)
         return tensor_to_image(image) if output_type == "pil" else image
+
+
+    @torch.no_grad()
+    def generate_text(self, prompt: str, images: list[ImageSource] | tuple = (), *, max_new_tokens: int = 64,
+                      do_sample: bool = False, temperature: float = 1.0,
+                      generator: torch.Generator | None = None) -> str:
+        """Understanding: answer `prompt` about `images` (official `chat`: images through the ViT,
+        then the prompt, then decoding from <|im_start|> until <|im_end|>)."""
+        model = self.model
+        device = model.device
+        was_training = model.training
+        model.eval()
+        try:
+            context = self.build_context([VitImageItem(image) for image in images] + [TextItem(prompt)])
+            cache, length, position = context.cache, context.length, context.next_position
+            token = self.special.bos_token_id
+            generated: list[int] = []
+            for _ in range(max_new_tokens):
+                embeds = model.embed_text(torch.tensor([token], device=device))
+                mask = torch.ones(1, length + 1, dtype=torch.bool, device=device)
+                hidden, new_kv = model.language_model.model(
+                    embeds, torch.tensor([position], device=device), torch.zeros(1, dtype=torch.bool, device=device),
+                    AttentionLayout([1], [mask]), past=cache)
+                cache = new_kv if cache is None else [(torch.cat([pk, k]), torch.cat([pv, v]))
+                                                      for (pk, pv), (k, v) in zip(cache, new_kv)]
+                length, position = length + 1, position + 1
+                logits = model.language_model.lm_head(hidden[-1]).float()
+                if do_sample:
+                    probs = torch.softmax(logits / temperature, dim=-1).cpu()
+                    token = int(torch.multinomial(probs, 1, generator=generator))
+                else:
+                    token = int(logits.argmax())
+                if token == self.special.eos_token_id:
+                    break
+                generated.append(token)
+        finally:
+            model.train(was_training)
+        return self.tokenizer.decode(generated)
 
 
 def _vit_ready(image: Image.Image | torch.Tensor, resize: ImageResize) -> Image.Image | torch.Tensor:

@@ -496,7 +496,8 @@ class BagelModel(nn.Module):
         channel-mean squared error of the velocity / number of generation tokens. Per-sample sums and
         counts are returned too (for DPO / GRPO). `noise` (one row per VAE token of the pack) and
         `generator` make the flow side reproducible; with both loss weights given, `loss` is their
-        weighted sum.
+        weighted sum. `text_token_ce` holds each CE token's loss (its sample: `batch.ce_sample_ids`),
+        i.e. minus the token log-probabilities.
         """
         device = self.device
         batch = batch.to(device)
@@ -512,9 +513,11 @@ class BagelModel(nn.Module):
             logits = self.language_model.lm_head(hidden[batch.ce_loss_indexes])
             ce = F.cross_entropy(logits.float(), batch.packed_label_ids, reduction="none")
             out["text_ce"] = ce.sum() / n_text
+            out["text_token_ce"] = ce
             out["text_ce_per_sample"] = torch.zeros(num_samples, device=device).index_add(0, batch.ce_sample_ids, ce)
         else:
             out["text_ce"] = zero
+            out["text_token_ce"] = zero.reshape(1)[:0]
             out["text_ce_per_sample"] = torch.zeros(num_samples, device=device)
         out["text_tokens_per_sample"] = torch.bincount(batch.ce_sample_ids, minlength=num_samples)
 
