@@ -46,7 +46,9 @@ def make_accelerator(cfg: Config):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
         handlers.append(InitProcessGroupKwargs(
             backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes)))
-    return Accelerator(mixed_precision=cfg.training.mixed_precision, kwargs_handlers=handlers)
+    # cpu=True on machines without CUDA: otherwise accelerate does not wrap DDP on CPU ranks.
+    return Accelerator(mixed_precision=cfg.training.mixed_precision, kwargs_handlers=handlers,
+                       cpu=not torch.cuda.is_available())
 
 
 class BaseTrainer:
@@ -103,10 +105,8 @@ class BaseTrainer:
             else:
                 chosen = [str(ckpt.new_run_dir(self.cfg.logging.output_dir, self.cfg.logging.project))
                           if self.is_main else None]
-                if self.accelerator.num_processes > 1:
-                    from accelerate.utils import broadcast_object_list
-
-                    broadcast_object_list(chosen)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.broadcast_object_list(chosen, src=0)
                 run_dir = Path(chosen[0])
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,8 @@ class BaseTrainer:
     # Setup
 
     def setup(self) -> None:
-        self.family = build_family(self.cfg, self.device)
+        with self.accelerator.main_process_first():  # one process builds/downloads, others reuse
+            self.family = build_family(self.cfg, self.device)
         # Seed after loading (building a tiny model draws random numbers): LoRA init and dropout
         # then depend only on the seed.
         torch.manual_seed(self.cfg.training.seed)
@@ -176,10 +177,9 @@ class BaseTrainer:
         acc = self.accelerator
         tensors, meta = ckpt.rng_state()
         gathered = [(tensors, meta)]
-        if acc.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            gathered = gather_object([(tensors, meta)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * acc.num_processes
+            torch.distributed.all_gather_object(gathered, (tensors, meta))
         path = None
         if self.is_main:
             state = {"global_step": self.global_step, "epoch": self.epoch,

@@ -324,7 +324,8 @@ def load_bagel_config(model_dir: str | Path, **overrides: Any) -> BagelConfig:
         settings.update(extra)
     unknown = sorted(set(overrides) - set(BagelConfig.SETTINGS))
     if unknown:
-        raise BagelConfigError(f"load_bagel_config: unknown overrides {unknown}; allowed: {list(BagelConfig.SETTINGS)}.")
+        raise BagelConfigError(f"load_bagel_config: unknown overrides {unknown}; "
+                               f"allowed: {list(BagelConfig.SETTINGS)}.")
     settings.update(overrides)
     config = BagelConfig(llm=llm, vit=vit, ae=ae, **settings)
     config.validate()

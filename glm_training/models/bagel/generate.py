@@ -123,7 +123,8 @@ class BagelSampler:
             image = input_image
             if not isinstance(image, torch.Tensor):
                 image = resize_image(load_rgb(image), self.packing.vae_resize)
-            image_items: list[SequenceItem] = [VaeImageItem(image), VitImageItem(_vit_ready(image, self.packing.vit_resize))]
+            vit_image = _vit_ready(image, self.packing.vit_resize)
+            image_items: list[SequenceItem] = [VaeImageItem(image), VitImageItem(vit_image)]
             text_uncond = self.build_context(image_items, generator)
             full = self.build_context(image_items + [prompt_item], generator)
             image_uncond = self.build_context([prompt_item], generator)

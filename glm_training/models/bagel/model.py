@@ -558,7 +558,8 @@ class BagelModel(nn.Module):
             if noise is None:
                 noise = torch.randn(clean.shape, generator=generator, device=clean.device)
             elif noise.shape != clean.shape:
-                raise ValueError(f"noise has shape {tuple(noise.shape)}, the pack's latent tokens {tuple(clean.shape)}.")
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, "
+                                 f"the pack's latent tokens {tuple(clean.shape)}.")
             noise_used = noise.to(clean.device, torch.float32)
             t = shift_timesteps(torch.sigmoid(batch.packed_timesteps.float()), config.timestep_shift)
             x_t = (1 - t[:, None]) * clean + t[:, None] * noise_used
