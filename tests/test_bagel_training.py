@@ -92,6 +92,10 @@ def test_sft_full_finetune_lowers_both_losses(tiny_dir, tokenizer_and_special) -
     after = evaluate(model, eval_batch)
     assert after["text_ce"] < 0.6 * before["text_ce"], (before, after)
     assert after["image_mse"] < 0.8 * before["image_mse"], (before, after)
+    # Training and cached decoding agree (positions, masks, experts): the answer is reproduced.
+    sampler = BagelSampler(model, tokenizer, special, packing_for(model))
+    assert sampler.generate_text("what is in the picture?", [gradient_image(1)], max_new_tokens=12) == \
+        "the cat sat on the mat"
 
 
 def test_loss_weights_act_as_configured(tiny_dir, tokenizer_and_special) -> None:
