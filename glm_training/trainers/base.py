@@ -46,6 +46,12 @@ def make_accelerator(cfg: Config):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun / accelerate launch
         handlers.append(InitProcessGroupKwargs(
             backend=backend, timeout=datetime.timedelta(minutes=cfg.distributed.timeout_minutes)))
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        from accelerate.state import AcceleratorState
+
+        # One process may run several trainers (notebooks, tests): accelerate's state is a
+        # singleton that would otherwise keep the first run's mixed precision.
+        AcceleratorState._reset_state()
     # cpu=True on machines without CUDA: otherwise accelerate does not wrap DDP on CPU ranks.
     return Accelerator(mixed_precision=cfg.training.mixed_precision, kwargs_handlers=handlers,
                        cpu=not torch.cuda.is_available())
