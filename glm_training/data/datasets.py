@@ -275,3 +275,84 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
         for b in range(self.start_batch, full):
             start = b * self.global_batch_size + self.rank * self.batch_size
             yield order[start:start + self.batch_size]
+
+
+@dataclass
+class PreferencePair:
+    prompt: str
+    chosen: Path
+    rejected: Path
+    control_images: list[Path] = field(default_factory=list)
+
+
+def load_preference_pairs(path: str | Path, on_error: str = "raise") -> list[PreferencePair]:
+    """Preference pairs from a JSONL file (`{"prompt", "chosen", "rejected", "control_images"?}`,
+    paths relative to the file) or a folder with `prompts.txt` + `chosen/` + `rejected/`."""
+    root = Path(path)
+    problems: list[str] = []
+    pairs: list[PreferencePair] = []
+    if root.is_file() or (root / "pairs.jsonl").is_file():
+        manifest = root if root.is_file() else root / "pairs.jsonl"
+        for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pairs.append(PreferencePair(
+                    str(row["prompt"]).strip(), manifest.parent / row["chosen"], manifest.parent / row["rejected"],
+                    [manifest.parent / c for c in row.get("control_images") or []]))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                problems.append(f"{manifest}:{line_no}: needs JSON with prompt, chosen, rejected ({error!r})")
+    elif (root / "prompts.txt").is_file():
+        prompts = [p.strip() for p in (root / "prompts.txt").read_text(encoding="utf-8").splitlines()]
+        while prompts and not prompts[-1]:
+            prompts.pop()
+        chosen, rejected = list_images(root / "chosen"), list_images(root / "rejected")
+        if not len(prompts) == len(chosen) == len(rejected):
+            problems.append(f"{root}: {len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} "
+                            "rejected images; they pair in order, so the counts must match")
+        else:
+            pairs = [PreferencePair(p, c, r) for p, c, r in zip(prompts, chosen, rejected)]
+    else:
+        raise DataError(f"data.path {root}: expected a pairs .jsonl file (prompt, chosen, rejected) "
+                        "or a folder with prompts.txt, chosen/ and rejected/.")
+    good = []
+    for pair in pairs:
+        issues = [m for m in (check_image(p) for p in [pair.chosen, pair.rejected, *pair.control_images]) if m]
+        if not pair.prompt:
+            issues.append(f"{pair.chosen}: empty prompt")
+        problems += issues
+        if not issues:
+            good.append(pair)
+    if problems and (on_error != "skip" or not good):
+        raise DataError(f"data.path {root}: {len(problems)} problem(s) found before training:\n  - "
+                        + "\n  - ".join(problems) + "\nFix or remove these pairs, or set data.on_error: skip.")
+    return good
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Chosen and rejected images of each pair, with the same crop rules as ImageDataset."""
+
+    def __init__(self, pairs: list[PreferencePair], resolution: int, center_crop: bool = True,
+                 random_flip: bool = False, seed: int = 0):
+        self.pairs = pairs
+        self.images = ImageDataset([], resolution, center_crop, random_flip, seed)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.images.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        pair = self.pairs[index]
+        item: dict[str, Any] = {"index": index, "prompt": pair.prompt, "flip": self.images.flip_for(index)}
+        for role, path in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            pixels, original, crop = self.images.load(path, index)
+            item[f"{role}_pixel_values"] = pixels
+            item[f"{role}_original_size"] = torch.tensor(original)
+            item[f"{role}_crop_top_left"] = torch.tensor(crop)
+        item["target_size"] = torch.tensor([self.images.resolution] * 2)
+        if pair.control_images:
+            item["control_pixel_values"] = [self.images.load(p, index)[0] for p in pair.control_images]
+        return item

@@ -40,3 +40,24 @@ def make_shapes_dataset(out_dir: str | Path, count: int = 24, size: int = 64, se
         prompts.append(f"a {colour} {shape} on a {background} background")
     (out_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
     return out_dir
+
+
+def make_colour_preference_pairs(out_dir: str | Path, count: int = 16, size: int = 32, seed: int = 0,
+                                 chosen: str = "red", rejected: str = "blue") -> Path:
+    """pairs.jsonl where the chosen image is the same shape as the rejected one, in another colour."""
+    import json
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        shape, background = rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+        state = rng.getstate()
+        for colour in (chosen, rejected):
+            rng.setstate(state)  # same size and position in both images
+            draw_shape(shape, colour, background, size, rng).save(out_dir / "images" / f"{index:04d}_{colour}.png")
+        rows.append({"prompt": f"a {shape} on a {background} background",
+                     "chosen": f"images/{index:04d}_{chosen}.png", "rejected": f"images/{index:04d}_{rejected}.png"})
+    (out_dir / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return out_dir / "pairs.jsonl"
