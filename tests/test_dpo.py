@@ -20,12 +20,15 @@ def test_pairs_are_validated_up_front(tmp_path):
     assert len(load_preference_pairs(manifest, on_error="skip")) == 2
 
 
-def test_dpo_starts_at_log2_and_trains(tmp_path):
+def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path):
     train_pairs = make_colour_preference_pairs(tmp_path / "train", count=16, size=32, seed=0)
     held_out = load_preference_pairs(make_colour_preference_pairs(tmp_path / "eval", count=8, size=32, seed=1))
-    raw = sdxl_config(tmp_path, train_pairs, training={"method": "dpo", "max_train_steps": 4, "batch_size": 4,
-                                                       "learning_rate": 1e-2},
-                      lora={"rank": 8, "alpha": 8}, dpo={"beta": 500.0})
+    # Chosen images have a red background, rejected ones a blue one (same shape, same place).
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+               "conv1", "conv2"]
+    raw = sdxl_config(tmp_path, train_pairs, training={"method": "dpo", "max_train_steps": 60, "batch_size": 4,
+                                                       "learning_rate": 3e-3},
+                      lora={"rank": 8, "alpha": 8, "target_modules": targets}, dpo={"beta": 2000.0})
     trainer = DPOTrainer(config_from_dict(raw))
     trainer.setup()
     before = trainer.evaluate(held_out)
@@ -33,7 +36,8 @@ def test_dpo_starts_at_log2_and_trains(tmp_path):
     assert before["implicit_acc"] == pytest.approx(0.5)
     run_dir = trainer.train()
     after = trainer.evaluate(held_out)
-    assert after["loss"] != pytest.approx(math.log(2), abs=1e-6)  # the policy moved off the reference
+    assert after["implicit_acc"] >= 0.8, (before, after)  # held-out pairs: the preference generalises
+    assert after["reward_margin"] > 0
     logged = (run_dir / "metrics.jsonl").read_text()
     for key in ("implicit_acc", "reward_margin", "policy_mse_gap", "ref_mse_gap"):
         assert key in logged

@@ -44,7 +44,8 @@ def make_shapes_dataset(out_dir: str | Path, count: int = 24, size: int = 64, se
 
 def make_colour_preference_pairs(out_dir: str | Path, count: int = 16, size: int = 32, seed: int = 0,
                                  chosen: str = "red", rejected: str = "blue") -> Path:
-    """pairs.jsonl where the chosen image is the same shape as the rejected one, in another colour."""
+    """pairs.jsonl where chosen and rejected images show the same shape at the same place, on a
+    background of the chosen or the rejected colour: a preference a model can learn quickly."""
     import json
 
     out_dir = Path(out_dir)
@@ -52,12 +53,18 @@ def make_colour_preference_pairs(out_dir: str | Path, count: int = 16, size: int
     rng = random.Random(seed)
     rows = []
     for index in range(count):
-        shape, background = rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+        shape, colour = rng.choice(SHAPES), rng.choice(["white", "black"])
         state = rng.getstate()
-        for colour in (chosen, rejected):
+        for background in (chosen, rejected):
             rng.setstate(state)  # same size and position in both images
-            draw_shape(shape, colour, background, size, rng).save(out_dir / "images" / f"{index:04d}_{colour}.png")
-        rows.append({"prompt": f"a {shape} on a {background} background",
+            image = draw_shape(shape, "yellow", "white", size, rng)
+            pixels = image.load()
+            for y in range(size):
+                for x in range(size):
+                    if pixels[x, y] == BACKGROUNDS["white"]:
+                        pixels[x, y] = COLOURS[background]
+            image.save(out_dir / "images" / f"{index:04d}_{background}.png")
+        rows.append({"prompt": f"a yellow {shape}",
                      "chosen": f"images/{index:04d}_{chosen}.png", "rejected": f"images/{index:04d}_{rejected}.png"})
     (out_dir / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return out_dir / "pairs.jsonl"
