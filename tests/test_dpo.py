@@ -42,3 +42,26 @@ def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path):
     for key in ("implicit_acc", "reward_margin", "policy_mse_gap", "ref_mse_gap"):
         assert key in logged
     assert (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_pickapic_parquet_layout_drops_ties(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    def jpeg(colour):
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), colour).save(buffer, format="JPEG")
+        return buffer.getvalue()
+
+    red, blue, green = jpeg("red"), jpeg("blue"), jpeg("green")
+    table = pa.table({"caption": ["a", "b", "c"], "jpg_0": [red, blue, green], "jpg_1": [blue, red, red],
+                      "label_0": [1.0, 0.0, 0.5]})
+    pq.write_table(table, tmp_path / "train-0.parquet")
+    pairs = load_preference_pairs(tmp_path)
+    assert [p.prompt for p in pairs] == ["a", "b"]  # the tie is dropped
+    for pair in pairs:  # red is preferred in both rows
+        assert Image.open(pair.chosen).getpixel((8, 8))[0] > 200
+        assert Image.open(pair.rejected).getpixel((8, 8))[2] > 200

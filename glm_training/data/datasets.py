@@ -285,13 +285,51 @@ class PreferencePair:
     control_images: list[Path] = field(default_factory=list)
 
 
+def load_pickapic_parquet(files: list[Path], image_dir: Path) -> list[PreferencePair]:
+    """Pick-a-Pic v2 layout (`caption`, `jpg_0`, `jpg_1`, `label_0`) read with `datasets`; ties
+    (label_0 = 0.5) dropped. Image bytes are written once to `image_dir`, named by their sha256,
+    so the cache and the validation treat them like any other file."""
+    import hashlib
+
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError("Pick-a-Pic parquet files need the datasets package (pip install datasets).") from None
+    table = load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    missing = {"caption", "jpg_0", "jpg_1", "label_0"} - set(table.column_names)
+    if missing:
+        raise DataError(f"data.path {files[0].parent}: parquet files lack the Pick-a-Pic columns {sorted(missing)}.")
+    image_dir.mkdir(parents=True, exist_ok=True)
+
+    def stored(data: bytes) -> Path:
+        target = image_dir / f"{hashlib.sha256(data).hexdigest()}.jpg"
+        if not target.exists():
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        return target
+
+    pairs = []
+    for row in table:
+        if row["label_0"] == 0.5:
+            continue  # a tie says nothing about preference
+        first, second = stored(row["jpg_0"]), stored(row["jpg_1"])
+        chosen, rejected = (first, second) if row["label_0"] == 1 else (second, first)
+        pairs.append(PreferencePair(str(row["caption"]).strip(), chosen, rejected))
+    return pairs
+
+
 def load_preference_pairs(path: str | Path, on_error: str = "raise") -> list[PreferencePair]:
     """Preference pairs from a JSONL file (`{"prompt", "chosen", "rejected", "control_images"?}`,
-    paths relative to the file) or a folder with `prompts.txt` + `chosen/` + `rejected/`."""
+    paths relative to the file), a folder with `prompts.txt` + `chosen/` + `rejected/`, or a
+    Pick-a-Pic v2 parquet file / folder of them."""
     root = Path(path)
     problems: list[str] = []
     pairs: list[PreferencePair] = []
-    if root.is_file() or (root / "pairs.jsonl").is_file():
+    parquet = [root] if root.suffix == ".parquet" else sorted(root.glob("*.parquet")) if root.is_dir() else []
+    if parquet:
+        pairs = load_pickapic_parquet(parquet, parquet[0].parent / ".pickapic_images")
+    elif root.is_file() or (root / "pairs.jsonl").is_file():
         manifest = root if root.is_file() else root / "pairs.jsonl"
         for line_no, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
