@@ -161,8 +161,7 @@ class ModelFamily(ABC):
     def reference(self) -> Iterator[None]:
         """Run the frozen reference: LoRA adapters disabled (full fine-tuning needs a copy)."""
         if not self.cfg.lora.enabled:
-            raise ConfigError("A frozen reference needs LoRA (lora.enabled: true); full fine-tuning "
-                              "references are made by the trainer as a frozen copy.")
+            raise ConfigError("The reference model is the base with the LoRA disabled: set lora.enabled: true.")
         modules = [self.unwrapped(name) for name in self.trained]
         for module in modules:
             module.disable_adapters()
@@ -227,8 +226,10 @@ class DiffusionFamily(ModelFamily):
 
     @abstractmethod
     def sample(self, prompts: list[str], *, height: int, width: int, num_inference_steps: int,
-               guidance_scale: float, seed: int, control_images: list | None = None) -> list:
-        """Generate PIL images with the current weights through the family's diffusers pipeline."""
+               guidance_scale: float, seed: int, control_images: list | None = None,
+               prompt_embeds: dict | None = None, negative_prompt_embeds: dict | None = None) -> list:
+        """Generate PIL images with the current weights through the family's diffusers pipeline.
+        Given `prompt_embeds` (from the cache), the text encoders are not needed."""
 
 
 _FAMILIES = {

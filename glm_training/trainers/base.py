@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def make_accelerator(cfg: Config):
                        cpu=not torch.cuda.is_available())
 
 
-class BaseTrainer:
+class BaseTrainer(ABC):
     method = "base"
 
     def __init__(self, cfg: Config, run_dir: Path | None = None):
@@ -76,11 +77,13 @@ class BaseTrainer:
     # ------------------------------------------------------------------------------------------
     # Hooks for subclasses
 
+    @abstractmethod
     def build_dataset(self) -> torch.utils.data.Dataset:
-        raise TypeError(f"{type(self).__name__} must implement build_dataset()")
+        """The training dataset; called once the family is loaded (`self.family`)."""
 
+    @abstractmethod
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        raise TypeError(f"{type(self).__name__} must implement compute_loss()")
+        """Loss of one micro-batch and the scalars to log (at least `loss`)."""
 
     def sample_images(self, step: int) -> None:
         """Write a grid of samples from `logging.sample_prompts` (families that can sample)."""
