@@ -102,6 +102,8 @@ class TrainingConfig:
     mode_scale: float = 1.29
     snr_gamma: Optional[float] = _field(None, min=0, doc="Epsilon families: min-SNR loss weighting.")
     noise_offset: float = _field(0.0, min=0)
+    text_loss_weight: float = _field(1.0, min=0, doc="Unified models (BAGEL): weight of the text CE.")
+    image_loss_weight: float = _field(1.0, min=0, doc="Unified models (BAGEL): weight of the image MSE.")
 
 
 @dataclass

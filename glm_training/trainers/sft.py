@@ -69,9 +69,25 @@ class DiffusionTrainer(BaseTrainer):
 
 
 class SFTTrainer(DiffusionTrainer):
+    """Diffusion families: the denoising loss above. Token / unified families (BAGEL) bring their
+    own dataset and loss through `build_sft_dataset()` and `sft_loss(batch, seed)`."""
+
     method = "sft"
 
+    def build_dataset(self):
+        if isinstance(self.family, DiffusionFamily):
+            return super().build_dataset()
+        return self.family.build_sft_dataset()
+
+    def sample_images(self, step: int) -> None:
+        if isinstance(self.family, DiffusionFamily):
+            super().sample_images(step)
+
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if not isinstance(self.family, DiffusionFamily):
+            # Seed of this micro-batch: depends on the data position, not on how we got there.
+            seed = self.cfg.training.seed * 1_000_003 + self.epoch * 10_007 + int(batch["index"][0])
+            return self.family.sft_loss(batch, seed)
         latents, condition = self.encoder(batch, self.epoch)
         noise, timesteps = self.encoder.noise_and_timesteps(
             latents, batch["index"], self.epoch, self.cfg.training.noise_offset)

@@ -487,6 +487,10 @@ class BagelModel(nn.Module):
 
     # -- training ------------------------------------------------------------------------------
 
+    def forward(self, batch: PackedBatch, **kwargs) -> dict[str, torch.Tensor]:
+        """`forward_losses`, so that DDP / accelerate wrappers route training through it."""
+        return self.forward_losses(batch, **kwargs)
+
     def forward_losses(self, batch: PackedBatch, *, generator: torch.Generator | None = None,
                        noise: torch.Tensor | None = None, text_loss_weight: float | None = None,
                        image_loss_weight: float | None = None) -> dict[str, torch.Tensor]:

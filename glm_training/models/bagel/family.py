@@ -1,0 +1,92 @@
+"""BAGEL as a model family: SFT with `text_loss_weight * CE + image_loss_weight * MSE` on packed
+sequences, LoRA on the selected experts (und / gen / both) or full fine-tuning of them."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glm_training.config import ConfigError
+from glm_training.models.base import ModelFamily
+from glm_training.models.bagel.data import load_bagel_samples
+from glm_training.models.bagel.loading import load_bagel, load_bagel_tokenizer, save_bagel
+from glm_training.models.bagel.lora import load_lora, lora_target_modules, save_lora
+from glm_training.models.bagel.packing import PackingConfig, pack_samples
+
+
+class BagelSampleDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"index": index, "sample": self.samples[index]}
+
+
+class BagelFamily(ModelFamily):
+    name = "bagel"
+    component_choices = ("bagel",)
+    # The experts are parameter subsets of one network: every group trains the module "bagel".
+    component_groups = {"und": ("bagel",), "gen": ("bagel",), "both": ("bagel",)}
+    default_component = "both"
+    default_lora_targets: dict[str, list[str]] = {}
+
+    def load(self) -> None:
+        self.model = load_bagel(self.model_path, dtype=self.weight_dtype, device=self.device)
+        self.tokenizer, self.special = load_bagel_tokenizer(self.model_path)
+        self.modules = {"bagel": self.model}
+
+    def lora_targets(self, component: str) -> Any:
+        return self.cfg.lora.target_modules or lora_target_modules(self.component_group)
+
+    def setup_training(self) -> None:
+        if self.cfg.lora.enabled:
+            super().setup_training()
+            return
+        # Full fine-tuning of the selected experts only: the VAE and position tables stay frozen.
+        self.model.requires_grad_(False)
+        self.model.float()
+        self.model.set_trainable(self.component_group)
+        self.model.train()
+        if self.cfg.model.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+
+    def packing(self) -> PackingConfig:
+        size = self.cfg.data.resolution
+        return PackingConfig.for_model(self.model.bagel_config, vae_max_size=size, vae_min_size=min(512, size),
+                                       vit_max_size=min(980, size), vit_min_size=min(378, size))
+
+    # -- the token + flow side used by the SFT trainer ---------------------------------------------
+
+    def build_sft_dataset(self) -> BagelSampleDataset:
+        try:
+            return BagelSampleDataset(load_bagel_samples(self.cfg.data.path))
+        except FileNotFoundError as error:
+            raise ConfigError(f"data.path: {error}") from None
+
+    def sft_loss(self, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """One pack per micro-batch; `seed` fixes the CFG dropout, timesteps and noise of the pack."""
+        packed = pack_samples(batch["sample"], self.tokenizer, self.special, self.model.bagel_config,
+                              self.packing(), rng=random.Random(seed))
+        training = self.cfg.training
+        out = self.modules["bagel"](packed, generator=torch.Generator().manual_seed(seed),
+                                    text_loss_weight=training.text_loss_weight,
+                                    image_loss_weight=training.image_loss_weight)
+        return out["loss"], {"loss": out["loss"].item(), "text_ce": out["text_ce"].item(),
+                             "image_mse": out["image_mse"].item()}
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def save_adapter(self, out_dir: Path) -> list[Path]:
+        model = self.unwrapped("bagel")
+        if self.cfg.lora.enabled:
+            return save_lora(model, out_dir)
+        return [save_bagel(model, out_dir, tokenizer=self.tokenizer)]
+
+    def load_adapter_weights(self, path: str) -> None:
+        load_lora(self.unwrapped("bagel"), path)
