@@ -1,0 +1,106 @@
+"""Sampling on the family interface, with per-step log-probs, for every diffusion family.
+
+- Flow families: Euler ODE (evaluation) or the Flow-GRPO SDE with the same marginals (rollouts),
+  on the family's shifted sigma schedule.
+- Epsilon families (SDXL): DDIM, deterministic (`eta = 0`) or stochastic (`eta > 0`, DDPO).
+- Classifier-free guidance on or off; an SDE window makes only some steps stochastic (and
+  trainable) as in Flow-GRPO-Fast / MixGRPO; log-probs in float32 (`algorithms.sde`).
+
+`rollout` records every state, so `step` can recompute the log-prob of a recorded transition
+with gradients for the policy update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from glm_training.algorithms.objectives import EpsilonObjective
+from glm_training.algorithms.sde import SDEStep, ddim_step_with_logprob, flow_sde_step
+from glm_training.models.base import DiffusionFamily
+
+
+@dataclass
+class Trajectory:
+    states: list[torch.Tensor]  # x at each step, float32: states[0] is the initial noise
+    log_probs: torch.Tensor  # (B, steps); 0 for deterministic steps
+    stochastic: list[bool]  # which steps are stochastic (trainable)
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.states[-1]
+
+
+class DiffusionSampler:
+    def __init__(self, family: DiffusionFamily, num_steps: int, guidance_scale: float = 1.0,
+                 noise_level: float = 0.7, sde_window: list[int] | None = None):
+        self.family = family
+        self.num_steps = num_steps
+        self.guidance_scale = guidance_scale
+        self.noise_level = noise_level  # flow: SDE noise level a; epsilon: DDIM eta
+        self.sde_window = sde_window
+        self.is_epsilon = isinstance(family.objective, EpsilonObjective)
+
+    # -- schedule -----------------------------------------------------------------------------
+
+    def schedule(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, float, float]]:
+        """(model timestep, a, a_next) per step: alphas_cumprod (epsilon) or sigmas (flow)."""
+        objective = self.family.objective
+        if self.is_epsilon:
+            total = objective.num_train_timesteps
+            ratio = total // self.num_steps
+            timesteps = [int(t) for t in (torch.arange(self.num_steps) * ratio).flip(0) + 1]
+            alphas = objective.alphas_cumprod
+            out = []
+            for t in timesteps:
+                prev = t - ratio
+                out.append((torch.tensor(t), float(alphas[t]), float(alphas[prev]) if prev >= 0 else float(alphas[0])))
+            return out
+        base = torch.linspace(1.0, 0.0, self.num_steps + 1)[:-1]
+        sigmas = objective.shift(base, objective.image_seq_len(latents)).tolist() + [0.0]
+        return [(torch.tensor(sigmas[k]), sigmas[k], sigmas[k + 1]) for k in range(self.num_steps)]
+
+    def stochastic(self, k: int) -> bool:
+        if self.noise_level == 0:
+            return False
+        if self.sde_window is None:
+            return True
+        return self.sde_window[0] <= k < self.sde_window[1]
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def model_output(self, x: torch.Tensor, t: torch.Tensor, condition: dict[str, Any],
+                     uncondition: dict[str, Any] | None) -> torch.Tensor:
+        timesteps = t.expand(len(x))
+        output = self.family.predict(x, timesteps, condition).float()
+        if uncondition is not None and self.guidance_scale != 1.0:
+            unguided = self.family.predict(x, timesteps, uncondition).float()
+            output = unguided + self.guidance_scale * (output - unguided)
+        return output
+
+    def step(self, k: int, x: torch.Tensor, condition: dict[str, Any], uncondition: dict[str, Any] | None,
+             prev_sample: torch.Tensor | None = None, generators: list[torch.Generator] | None = None,
+             schedule: list | None = None) -> SDEStep:
+        t, a, a_next = (schedule or self.schedule(x))[k]
+        output = self.model_output(x, t, condition, uncondition)
+        level = self.noise_level if self.stochastic(k) else 0.0
+        if self.is_epsilon:
+            return ddim_step_with_logprob(output, x, a, a_next, eta=level,
+                                          prediction_type=self.family.objective.prediction_type,
+                                          generator=generators, prev_sample=prev_sample)
+        return flow_sde_step(x, output, a, a_next, level, generator=generators, prev_sample=prev_sample)
+
+    @torch.no_grad()
+    def rollout(self, noise: torch.Tensor, condition: dict[str, Any], uncondition: dict[str, Any] | None = None,
+                generators: list[torch.Generator] | None = None) -> Trajectory:
+        x = noise.float()
+        schedule = self.schedule(x)
+        states, log_probs = [x], []
+        for k in range(self.num_steps):
+            result = self.step(k, x, condition, uncondition, generators=generators, schedule=schedule)
+            x = result.prev_sample
+            states.append(x)
+            log_probs.append(result.log_prob)
+        return Trajectory(states, torch.stack(log_probs, dim=1), [self.stochastic(k) for k in range(self.num_steps)])
