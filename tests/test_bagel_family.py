@@ -32,7 +32,8 @@ def config(tmp_path, data, **training):
         "training": {"max_train_steps": 24, "batch_size": 2, "learning_rate": 3e-3, "checkpointing_steps": 100,
                      **training},
         "lora": {"rank": 8, "alpha": 8},
-        "logging": {"output_dir": str(tmp_path / "out"), "project": "bagel", "report_to": []},
+        "logging": {"output_dir": str(tmp_path / "out"), "project": "bagel", "report_to": [],
+                    "sample_prompts": ["a red square"], "sample_num_inference_steps": 3},
     })
 
 
@@ -49,6 +50,7 @@ def test_bagel_sft_lowers_both_losses_and_the_lora_reloads(tmp_path):
     before = fixed_losses()
     run = trainer.train()
     after = fixed_losses()
+    assert (run / "samples" / "step-000024.png").is_file()  # sampling during training
     for key in ("text_ce", "image_mse"):
         assert after[key] < 0.9 * before[key], (key, before, after)
     family = build_family(config(tmp_path, data))

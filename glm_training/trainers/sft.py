@@ -58,7 +58,8 @@ class DiffusionTrainer(BaseTrainer):
 
             controls = [Image.open(p).convert("RGB") for p in log.sample_control_images]
         kwargs = {}
-        if self.encoder.cache is not None and not self.family.prompt_uses_images:
+        encoder = getattr(self, "encoder", None)
+        if encoder is not None and encoder.cache is not None and not self.family.prompt_uses_images:
             kwargs["prompt_embeds"] = self.encoder.encode_prompts(prompts)
             kwargs["negative_prompt_embeds"] = self.encoder.encode_prompts([""] * len(prompts))
         images = self.family.sample(prompts, height=resolution, width=resolution,
@@ -78,10 +79,6 @@ class SFTTrainer(DiffusionTrainer):
         if isinstance(self.family, DiffusionFamily):
             return super().build_dataset()
         return self.family.build_sft_dataset()
-
-    def sample_images(self, step: int) -> None:
-        if isinstance(self.family, DiffusionFamily):
-            super().sample_images(step)
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         if not isinstance(self.family, DiffusionFamily):

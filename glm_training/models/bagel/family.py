@@ -80,6 +80,18 @@ class BagelFamily(ModelFamily):
         return out["loss"], {"loss": out["loss"].item(), "text_ce": out["text_ce"].item(),
                              "image_mse": out["image_mse"].item()}
 
+    @torch.no_grad()
+    def sample(self, prompts: list[str], *, height: int, width: int, num_inference_steps: int,
+               guidance_scale: float, seed: int, control_images: list | None = None, **_: Any) -> list:
+        """Text-to-image, or edits of `control_images`, with the official inferencer's CFG."""
+        from glm_training.models.bagel.generate import BagelSampler
+
+        sampler = BagelSampler(self.unwrapped("bagel"), self.tokenizer, self.special)
+        sources = control_images or [None] * len(prompts)
+        return [sampler.generate(prompt, source, height=height, width=width, num_timesteps=num_inference_steps,
+                                 cfg_text_scale=guidance_scale, seed=seed + index)
+                for index, (prompt, source) in enumerate(zip(prompts, sources))]
+
     # -- saving ------------------------------------------------------------------------------------
 
     def save_adapter(self, out_dir: Path) -> list[Path]:
