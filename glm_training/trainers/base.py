@@ -119,7 +119,8 @@ class BaseTrainer(ABC):
                 run_dir = Path(chosen[0])
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            name = "config.yaml" if self.resume_path is None else f"config-resume-{self.global_step}.yaml"
+            # A resumed run keeps the original config.yaml and records what it resumed with.
+            name = "config.yaml" if self.resume_path is None else f"config-resume-{self.resume_path.name}.yaml"
             (run_dir / name).write_text(self.cfg.to_yaml())
         return run_dir
 
