@@ -394,3 +394,71 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if pair.control_images:
             item["control_pixel_values"] = [self.images.load(p, index)[0] for p in pair.control_images]
         return item
+
+
+def load_prompts(path: str | Path) -> list[Sample]:
+    """Prompts for online training (GRPO), optionally with target / source images per prompt:
+    a `.txt` file (one prompt per line), a `.jsonl` file (`{"prompt", "target_image"?,
+    "source_image"?}`, paths relative to the file), or a folder with `prompts.txt` and optional
+    `target_images/` and `source_images/` (paired in order). `Sample.image` is the target or None."""
+    root = Path(path)
+    problems: list[str] = []
+    samples: list[Sample] = []
+    if root.suffix == ".txt" and root.is_file():
+        samples = [Sample(p.strip(), None) for p in root.read_text(encoding="utf-8").splitlines() if p.strip()]
+    elif root.suffix == ".jsonl" and root.is_file():
+        for line_no, line in enumerate(root.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                target = row.get("target_image")
+                source = row.get("source_image")
+                samples.append(Sample(str(row["prompt"]).strip(), root.parent / target if target else None,
+                                      [root.parent / source] if source else []))
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                problems.append(f"{root}:{line_no}: needs JSON with a prompt ({error!r})")
+    elif (root / "prompts.txt").is_file():
+        prompts = [p.strip() for p in (root / "prompts.txt").read_text(encoding="utf-8").splitlines()]
+        while prompts and not prompts[-1]:
+            prompts.pop()
+        targets = list_images(root / "target_images") if (root / "target_images").is_dir() else None
+        sources = list_images(root / "source_images") if (root / "source_images").is_dir() else None
+        for name, images in (("target_images", targets), ("source_images", sources)):
+            if images is not None and len(images) != len(prompts):
+                problems.append(f"{root / name} has {len(images)} images for {len(prompts)} prompts")
+        if not problems:
+            samples = [Sample(p, targets[i] if targets else None, [sources[i]] if sources else [])
+                       for i, p in enumerate(prompts)]
+    else:
+        raise DataError(f"data.path {root}: expected prompts .txt / .jsonl, or a folder with prompts.txt.")
+    for sample in samples:
+        paths = ([sample.image] if sample.image else []) + sample.control_images
+        problems += [m for m in (check_image(p) for p in paths) if m]
+        if not sample.prompt:
+            problems.append(f"{root}: empty prompt")
+    if problems:
+        raise DataError(f"data.path {root}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+    if not samples:
+        raise DataError(f"data.path {root}: no prompts.")
+    return samples
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """Prompts with their optional target / source images in [0, 1] at the training resolution."""
+
+    def __init__(self, samples: list[Sample], resolution: int):
+        self.samples = samples
+        self.images = ImageDataset([], resolution)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.samples[index]
+        item: dict[str, Any] = {"index": index, "prompt": sample.prompt}
+        if sample.image is not None:
+            item["target_images"] = (self.images.load(sample.image, index)[0] + 1) / 2
+        if sample.control_images:
+            item["control_pixel_values"] = [self.images.load(p, index)[0] for p in sample.control_images]
+        return item

@@ -211,6 +211,10 @@ class DiffusionFamily(ModelFamily):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents -> images in [-1, 1]."""
 
+    @abstractmethod
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """Shape of one sample's latents (no batch dim) for an image of this size."""
+
     def collate_prompt_embeds(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Stack per-sample prompt embeddings (families with variable lengths pad here)."""
         return {key: torch.cat([item[key] for item in items]) for key in items[0]}

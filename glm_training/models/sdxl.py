@@ -112,6 +112,11 @@ class SDXLFamily(DiffusionFamily):
         vae = self.modules["vae"]
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
 
+    def latent_shape(self, height, width):
+        vae = self.modules["vae"]
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        return (self.unwrapped("unet").config.in_channels, height // scale, width // scale)
+
     def condition(self, prompt_embeds, batch):
         # add_time_ids: (original h, w) + (crop top, left) + (target h, w), per sample.
         time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], batch["target_size"]], dim=1)

@@ -85,6 +85,17 @@ class BaseTrainer(ABC):
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of one micro-batch and the scalars to log (at least `loss`)."""
 
+    def dataset_items_per_batch(self) -> int:
+        """Dataset items in one micro-batch per device (GRPO: prompts, each sampled G times)."""
+        return self.cfg.training.batch_size
+
+    def backward(self, batch: dict[str, Any], scale: float) -> dict[str, float]:
+        """Gradients of one micro-batch (`scale` = 1 / accumulation). Trainers whose loss comes in
+        parts (GRPO: one backward per trained timestep) override this instead of compute_loss."""
+        loss, metrics = self.compute_loss(batch)
+        self.accelerator.backward(loss * scale)
+        return metrics
+
     def sample_images(self, step: int) -> None:
         """Write a grid of samples from `logging.sample_prompts` (families that can sample)."""
 
@@ -137,7 +148,7 @@ class BaseTrainer(ABC):
         self.dataset = self.build_dataset()
         acc = self.accelerator
         self.sampler = ShardedBatchSampler(
-            len(self.dataset), self.cfg.training.batch_size, acc.num_processes, acc.process_index,
+            len(self.dataset), self.dataset_items_per_batch(), acc.num_processes, acc.process_index,
             seed=self.cfg.training.seed, shuffle=self.cfg.data.shuffle)
         self.batches_per_epoch = len(self.sampler)
         steps_per_epoch = max(1, self.batches_per_epoch // self.cfg.training.gradient_accumulation_steps)
@@ -251,8 +262,7 @@ class BaseTrainer(ABC):
                         if not sync:
                             for name in self.family.trained:
                                 stack.enter_context(acc.no_sync(self.family.modules[name]))
-                        loss, metrics = self.compute_loss(batch)
-                        acc.backward(loss / accumulation)
+                        metrics = self.backward(batch, 1.0 / accumulation)
                     window.append(metrics)
                     micro += 1
                     self.batch_in_epoch += 1

@@ -1,0 +1,19 @@
+import json
+
+import pytest
+from PIL import Image
+
+from glm_training.data.datasets import DataError, PromptDataset, load_prompts
+
+
+def test_prompt_sources_and_targets(tmp_path):
+    (tmp_path / "p.txt").write_text("a\n\nb\n")
+    assert [s.prompt for s in load_prompts(tmp_path / "p.txt")] == ["a", "b"]
+    Image.new("RGB", (20, 20), "white").save(tmp_path / "t.png")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "x", "target_image": "t.png"}) + "\n")
+    dataset = PromptDataset(load_prompts(tmp_path / "p.jsonl"), resolution=8)
+    item = dataset[0]
+    assert item["target_images"].shape == (3, 8, 8) and item["target_images"].min() >= 0.99
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "target_image": "missing.png"}) + "\n")
+    with pytest.raises(DataError, match="missing.png: file not found"):
+        load_prompts(tmp_path / "bad.jsonl")
