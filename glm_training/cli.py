@@ -90,6 +90,9 @@ def fill_cache(cfg: Config) -> None:
     from glm_training.models.base import build_family
     from glm_training.trainers.sft import build_diffusion_data
 
+    if cfg.training.method != "sft":
+        raise ConfigError(f"--cache pre-fills SFT datasets; with training.method: {cfg.training.method} the "
+                          "cache (cache.enabled: true) fills itself during the first epoch.")
     state = PartialState()
     device = cfg.cache.device or state.device
     family = build_family(cfg, device)
