@@ -57,6 +57,14 @@ def detect_format(path: Path) -> str:
                     "target_images/ (folder format) or metadata.jsonl with file_name/text lines.")
 
 
+def read_prompt_lines(path: Path) -> list[str]:
+    """One prompt per line, stripped; trailing blank lines are not empty prompts."""
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    while prompts and not prompts[-1]:
+        prompts.pop()
+    return prompts
+
+
 def _read_folder(root: Path, split: str, problems: list[str]) -> list[Sample]:
     prefix = "eval_" if split == "eval" else ""
     prompts_file, images_dir = root / f"{prefix}prompts.txt", root / f"{prefix}target_images"
@@ -68,15 +76,13 @@ def _read_folder(root: Path, split: str, problems: list[str]) -> list[Sample]:
         problems.append(f"{images_dir}: missing folder of target images")
     if problems:
         return []
-    prompts = prompts_file.read_text(encoding="utf-8").splitlines()
-    while prompts and not prompts[-1].strip():
-        prompts.pop()  # a trailing newline is not an empty prompt
+    prompts = read_prompt_lines(prompts_file)
     images = list_images(images_dir)
     if len(prompts) != len(images):
         problems.append(f"{prompts_file} has {len(prompts)} prompts but {images_dir} has "
                         f"{len(images)} images; they pair in order, so the counts must match")
         return []
-    return [Sample(prompt=p.strip(), image=i) for p, i in zip(prompts, images)]
+    return [Sample(prompt=p, image=i) for p, i in zip(prompts, images)]
 
 
 def _read_jsonl(path: Path, problems: list[str]) -> list[Sample]:
@@ -342,9 +348,7 @@ def load_preference_pairs(path: str | Path, on_error: str = "raise") -> list[Pre
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 problems.append(f"{manifest}:{line_no}: needs JSON with prompt, chosen, rejected ({error!r})")
     elif (root / "prompts.txt").is_file():
-        prompts = [p.strip() for p in (root / "prompts.txt").read_text(encoding="utf-8").splitlines()]
-        while prompts and not prompts[-1]:
-            prompts.pop()
+        prompts = read_prompt_lines(root / "prompts.txt")
         chosen, rejected = list_images(root / "chosen"), list_images(root / "rejected")
         if not len(prompts) == len(chosen) == len(rejected):
             problems.append(f"{root}: {len(prompts)} prompts, {len(chosen)} chosen and {len(rejected)} "
@@ -419,9 +423,7 @@ def load_prompts(path: str | Path) -> list[Sample]:
             except (json.JSONDecodeError, KeyError, TypeError) as error:
                 problems.append(f"{root}:{line_no}: needs JSON with a prompt ({error!r})")
     elif (root / "prompts.txt").is_file():
-        prompts = [p.strip() for p in (root / "prompts.txt").read_text(encoding="utf-8").splitlines()]
-        while prompts and not prompts[-1]:
-            prompts.pop()
+        prompts = read_prompt_lines(root / "prompts.txt")
         targets = list_images(root / "target_images") if (root / "target_images").is_dir() else None
         sources = list_images(root / "source_images") if (root / "source_images").is_dir() else None
         for name, images in (("target_images", targets), ("source_images", sources)):
