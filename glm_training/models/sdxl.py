@@ -59,6 +59,9 @@ class SDXLFamily(DiffusionFamily):
         self.objective = EpsilonObjective(scheduler.alphas_cumprod, prediction_type,
                                           snr_gamma=self.cfg.training.snr_gamma)
         self.pipeline_class = StableDiffusionXLPipeline
+        # The sampling scheduler's config as the checkpoint wrote it, read once (pipeline() runs per encode).
+        self.scheduler_config = DDPMScheduler.load_config(self.model_path, subfolder="scheduler",
+                                                          revision=self.cfg.model.revision)
         if self.cfg.model.train_text_encoder:
             self._load_text_encoders()
 
@@ -82,8 +85,7 @@ class SDXLFamily(DiffusionFamily):
         if with_text_encoders:
             self._load_text_encoders()
         has_text = "text_encoder" in self.modules
-        scheduler = EulerDiscreteScheduler.from_pretrained(self.model_path, subfolder="scheduler",
-                                                           revision=self.cfg.model.revision)
+        scheduler = EulerDiscreteScheduler.from_config(self.scheduler_config)
         return self.pipeline_class(
             vae=self.modules["vae"], unet=self.unwrapped("unet"), scheduler=scheduler,
             text_encoder=self.unwrapped("text_encoder") if has_text else None,
