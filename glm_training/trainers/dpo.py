@@ -13,18 +13,10 @@ from typing import Any
 import torch
 
 from glm_training.algorithms.dpo import diffusion_dpo_loss
-from glm_training.algorithms.objectives import per_sample_mse
 from glm_training.config import ConfigError
 from glm_training.data.datasets import PreferenceDataset, load_preference_pairs
 from glm_training.trainers.conditioning import ConditionEncoder
-from glm_training.trainers.sft import DiffusionTrainer
-
-
-def denoising_errors(family, latents, condition, noise, timesteps) -> torch.Tensor:
-    """Per-sample MSE of the family's prediction against its objective's target."""
-    objective = family.objective
-    prediction = family.predict(objective.add_noise(latents, noise, timesteps), timesteps, condition)
-    return per_sample_mse(prediction, objective.target(latents, noise, timesteps))
+from glm_training.trainers.sft import DiffusionTrainer, denoising_errors
 
 
 class DPOTrainer(DiffusionTrainer):

@@ -18,14 +18,19 @@ from glm_training.trainers.base import BaseTrainer
 from glm_training.trainers.conditioning import ConditionEncoder
 
 
+def denoising_errors(family: DiffusionFamily, latents: torch.Tensor, condition: dict[str, Any],
+                     noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE of the family's prediction against its objective's target, shape (B,)."""
+    objective = family.objective
+    prediction = family.predict(objective.add_noise(latents, noise, timesteps), timesteps, condition)
+    return per_sample_mse(prediction, objective.target(latents, noise, timesteps))
+
+
 def diffusion_sft_loss(family: DiffusionFamily, latents: torch.Tensor, condition: dict[str, Any],
                        noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """Per-sample weighted denoising loss, shape (B,)."""
-    objective = family.objective
-    noisy = objective.add_noise(latents, noise, timesteps)
-    prediction = family.predict(noisy, timesteps, condition)
-    target = objective.target(latents, noise, timesteps)
-    return per_sample_mse(prediction, target) * objective.loss_weights(timesteps).to(prediction.device)
+    errors = denoising_errors(family, latents, condition, noise, timesteps)
+    return errors * family.objective.loss_weights(timesteps).to(errors.device)
 
 
 def build_diffusion_data(cfg, family: DiffusionFamily) -> tuple[ImageDataset, ConditionEncoder]:
