@@ -14,7 +14,15 @@ from glm_training.models.base import ModelFamily
 from glm_training.models.bagel.data import load_bagel_samples
 from glm_training.models.bagel.loading import load_bagel, load_bagel_tokenizer, save_bagel
 from glm_training.models.bagel.lora import load_lora, lora_target_modules, save_lora
-from glm_training.models.bagel.packing import PackingConfig, pack_samples
+from glm_training.models.bagel.model import global_token_mean
+from glm_training.models.bagel.packing import (
+    BagelSample,
+    PackingConfig,
+    TextItem,
+    VaeImageItem,
+    VitImageItem,
+    pack_samples,
+)
 
 
 class BagelSampleDataset(torch.utils.data.Dataset):
@@ -74,11 +82,45 @@ class BagelFamily(ModelFamily):
         packed = pack_samples(batch["sample"], self.tokenizer, self.special, self.model.bagel_config,
                               self.packing(), rng=random.Random(seed))
         training = self.cfg.training
-        out = self.modules["bagel"](packed, generator=torch.Generator().manual_seed(seed),
-                                    text_loss_weight=training.text_loss_weight,
-                                    image_loss_weight=training.image_loss_weight)
-        return out["loss"], {"loss": out["loss"].item(), "text_ce": out["text_ce"].item(),
-                             "image_mse": out["image_mse"].item()}
+        out = self.modules["bagel"](packed, generator=torch.Generator().manual_seed(seed))
+        # Per-token means over the tokens of every process (logged values stay per process).
+        text = global_token_mean(out["text_token_ce"].sum(), int(out["n_text_tokens"]))
+        image = global_token_mean(out["image_mse_per_sample"].sum(), int(out["n_image_tokens"]))
+        loss = training.text_loss_weight * text + training.image_loss_weight * image
+        return loss, {"loss": loss.item(), "text_ce": out["text_ce"].item(),
+                      "image_mse": out["image_mse"].item()}
+
+    # -- the flow side on preference pairs, used by the DPO trainer -------------------------------
+
+    def build_preference_dataset(self, pairs: list) -> BagelSampleDataset:
+        return BagelSampleDataset(pairs)
+
+    def preference_errors(self, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample flow MSE (mean over each image's generation tokens) of [chosen; rejected], for
+        the policy (with grad) and the reference (adapter disabled, no grad). Winner and loser of a
+        pair share the prompt dropout, the timestep (same packing draws) and the noise."""
+        pairs = batch["sample"]
+        model = self.modules["bagel"]
+        packs = [pack_samples([generation_sample(p.prompt, getattr(p, side), p.control_images) for p in pairs],
+                              self.tokenizer, self.special, self.model.bagel_config, self.packing(),
+                              rng=random.Random(seed))
+                 for side in ("chosen", "rejected")]
+        if packs[0].vae_latent_shapes != packs[1].vae_latent_shapes:
+            raise ValueError("DPO pairs need chosen and rejected images of the same size after resizing; "
+                             f"got latent grids {packs[0].vae_latent_shapes} and {packs[1].vae_latent_shapes}.")
+        config = self.model.bagel_config
+        tokens = sum(h * w for h, w in packs[0].vae_latent_shapes)
+        noise = torch.randn(tokens, config.latent_patch_size ** 2 * config.latent_channels,
+                            generator=torch.Generator().manual_seed(seed))
+
+        def errors() -> torch.Tensor:
+            outs = [model(pack, generator=torch.Generator().manual_seed(seed), noise=noise) for pack in packs]
+            return torch.cat([o["image_mse_per_sample"] / o["image_tokens_per_sample"].clamp(min=1) for o in outs])
+
+        policy = errors()
+        with torch.no_grad(), self.reference():
+            reference = errors()
+        return policy, reference
 
     @torch.no_grad()
     def sample(self, prompts: list[str], *, height: int, width: int, num_inference_steps: int,
@@ -102,3 +144,12 @@ class BagelFamily(ModelFamily):
 
     def load_adapter_weights(self, path: str) -> None:
         load_lora(self.unwrapped("bagel"), path)
+
+
+def generation_sample(prompt: str, image: Any, control_images: list | None = None) -> BagelSample:
+    """Text-to-image (or, with control images, an edit as the official data has it) with `image`
+    as the generation target."""
+    items: list = []
+    for control in control_images or []:
+        items += [VaeImageItem(control, loss=False, cfg=True), VitImageItem(control, cfg=True)]
+    return BagelSample([*items, TextItem(prompt, loss=False, cfg=True), VaeImageItem(image, loss=True)])

@@ -414,6 +414,22 @@ class PositionEmbedding(nn.Module):
 # BAGEL
 
 
+def global_token_mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    """`total / count` with `count` summed over all processes, times the world size.
+
+    DDP averages gradients over processes, so after it every token weighs the same whichever rank
+    (and however full a pack) it is in: the official BAGEL recipe's normalisation. On one process
+    it is the plain per-token mean. Every rank must call it (it is a collective).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return total / max(count, 1)
+    counts = torch.tensor([float(count)], device=total.device)
+    dist.all_reduce(counts)
+    return total * dist.get_world_size() / counts.clamp(min=1)
+
+
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
