@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""SFT throughput and peak memory on the tiny SDXL, with and without the embedding cache.
+"""SFT throughput and peak memory on a tiny model, with and without the embedding cache.
 
-    python benchmarks/bench_sft.py [--steps 40] [--resolution 64] [--batch-size 4]
+    python benchmarks/bench_sft.py [--family sdxl|flux_kontext|qwen_image|glm_image] [--steps 40]
+                                   [--resolution 64] [--batch-size 4]
 
 Each variant runs in its own process (so peak memory is its own) on the same data and seed.
 Reported: steps/s after a warm-up, peak memory (CUDA max allocated on GPU, max RSS on CPU),
@@ -32,7 +33,7 @@ def child(args: argparse.Namespace) -> None:
     work = Path(args.work)
     data = make_shapes_dataset(work / "data", count=32, size=args.resolution, seed=0)
     raw = {
-        "model": {"family": "sdxl", "pretrained_model_name_or_path": "tiny:sdxl"},
+        "model": {"family": args.family, "pretrained_model_name_or_path": f"tiny:{args.family}"},
         "data": {"path": str(data), "resolution": args.resolution},
         "training": {"max_train_steps": args.steps, "batch_size": args.batch_size,
                      "checkpointing_steps": 10_000, "seed": 0},
@@ -68,6 +69,7 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", default="sdxl", choices=("sdxl", "flux_kontext", "qwen_image", "glm_image"))
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -82,12 +84,13 @@ def main() -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
         for variant in ("uncached", "cached"):
             out = subprocess.run(
-                [sys.executable, __file__, "--variant", variant, "--work", work, "--steps", str(args.steps),
+                [sys.executable, __file__, "--variant", variant, "--work", work, "--family", args.family,
+                 "--steps", str(args.steps),
                  "--resolution", str(args.resolution), "--batch-size", str(args.batch_size)],
                 check=True, capture_output=True, text=True, env=env)
             results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     base, cached = results["uncached"], results["cached"]
-    print(f"tiny SDXL LoRA SFT, {args.steps} steps, batch {args.batch_size}, {args.resolution}px "
+    print(f"tiny {args.family} LoRA SFT, {args.steps} steps, batch {args.batch_size}, {args.resolution}px "
           f"({base['peak_kind']})")
     for name, row in results.items():
         print(f"  {name:9s} {row['steps_per_s']:7.2f} steps/s   peak {row['peak']:8.1f} MiB")

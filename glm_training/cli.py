@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 from glm_training.config import Config, ConfigError, describe_schema, load_config
 from glm_training.data.datasets import DataError
@@ -82,11 +81,28 @@ def setup_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def validate_data(cfg: Config) -> str:
+    """Read and check the data the way training will; -> what was found."""
+    from glm_training.data import datasets
+
+    if cfg.model.family == "bagel" and cfg.training.method == "sft":
+        from glm_training.models.bagel.data import load_bagel_samples
+
+        return f"{len(load_bagel_samples(cfg.data.path))} training samples"
+    if cfg.training.method == "dpo" and not cfg.dpo.online:
+        return f"{len(datasets.load_preference_pairs(cfg.data.path, cfg.data.on_error))} preference pairs"
+    if cfg.training.method == "grpo" or cfg.dpo.online:
+        return f"{len(datasets.load_prompts(cfg.data.path))} prompts"
+    from glm_training.trainers.sft import load_training_samples
+
+    return f"{len(load_training_samples(cfg))} training samples"
+
+
 def fill_cache(cfg: Config) -> None:
     """Compute every cache entry for the dataset and the sample prompts (sharded over ranks)."""
     from accelerate import PartialState
 
-    from glm_training.data.datasets import collate
+    from glm_training.data.datasets import collate, same_size_chunks
     from glm_training.models.base import build_family
     from glm_training.trainers.sft import build_diffusion_data
 
@@ -100,8 +116,8 @@ def fill_cache(cfg: Config) -> None:
     started = time.time()
     indices = list(range(state.process_index, len(dataset), state.num_processes))
     batch_size = cfg.training.batch_size
-    for start in range(0, len(indices), batch_size):
-        encoder.fill(collate([dataset[i] for i in indices[start:start + batch_size]]))
+    for chunk in same_size_chunks(dataset, indices, batch_size):  # buckets: one image size per batch
+        encoder.fill(collate([dataset[i] for i in chunk]))
     if state.is_main_process and cfg.logging.sample_prompts and not family.prompt_uses_images:
         encoder.encode_prompts(list(cfg.logging.sample_prompts))
         encoder.encode_prompts([""])
@@ -120,10 +136,7 @@ def main(argv: list[str] | None = None, component: str | None = None) -> int:
     try:
         cfg = build_config(args, component)
         if args.validate:
-            from glm_training.data.datasets import load_samples
-
-            samples = load_samples(cfg.data.path, cfg.data.format, on_error=cfg.data.on_error)
-            print(f"{args.config}: config valid; {len(samples)} training samples in {cfg.data.path}.")
+            print(f"{args.config}: config valid; {validate_data(cfg)} in {cfg.data.path}.")
             return 0
         if args.cache:
             fill_cache(cfg)

@@ -45,8 +45,28 @@ class ModelConfig:
                                       "BAGEL: und|gen|both). Default: the family's main part.")
     train_text_encoder: bool = _field(False, doc="Also train the text encoder(s) (LoRA or full).")
     gradient_checkpointing: bool = _field(False, doc="Trade compute for memory in trained parts.")
+    max_sequence_length: Optional[int] = _field(None, min=1, doc="Text tokens per prompt (FLUX T5, Qwen, GLM "
+                                                "glyphs); default: the family's pipeline default.")
     prediction_type: Optional[str] = _field(None, choices=(None, "epsilon", "v_prediction"),
                                             doc="Override the scheduler's prediction type (epsilon families).")
+    guidance_scale: Optional[float] = _field(
+        None, min=0, doc="Guidance-distilled families (FLUX Kontext): value fed to the transformer's "
+        "guidance embedding while training; default 1.0 (about 2.5-3.5 is what FLUX.1 dev samples with).")
+
+
+@dataclass
+class ComponentLoraConfig:
+    """Per-component LoRA overrides (`lora.components.<name>`); unset keys take the global lora value."""
+
+    rank: Optional[int] = _field(None, min=1)
+    alpha: Optional[float] = _field(None, min=0)
+    dropout: Optional[float] = _field(None, min=0, max=1)
+    target_modules: Optional[list[str]] = _field(None, doc="Module names to adapt in this component.")
+    init: Optional[str] = _field(None, choices=(None, "gaussian", "default", "pissa", "olora"))
+    pretrained_weight: Optional[str] = _field(
+        None, doc="Trained component: start its LoRA from these weights. Frozen component: load these "
+        "weights into it (a LoRA folder/file or a full component folder), e.g. the AR-trained adapter "
+        "for a later DiT run.")
 
 
 @dataclass
@@ -62,18 +82,36 @@ class LoraConfig:
     pretrained_weight: Optional[str] = _field(None, doc="Start from these LoRA weights (safetensors).")
     save_format: str = _field("diffusers", choices=("diffusers", "comfyui", "both"),
                               doc="comfyui also writes kohya-style lora_unet_* keys.")
+    components: dict[str, ComponentLoraConfig] = _field(
+        default_factory=dict, doc="Per-component overrides, e.g. {ar: {rank: 8}, dit: {rank: 32, "
+        "target_modules: [to_q, to_v]}} (GLM-Image); keys are the family's component names.")
 
 
 @dataclass
 class DataConfig:
     path: str = _field(None, required=True, doc="Dataset folder or manifest file.")
-    format: str = _field("auto", choices=("auto", "folder", "metadata_jsonl"),
-                         doc="folder: prompts.txt + target_images/; metadata_jsonl: metadata.jsonl "
-                         "with file_name and text.")
+    format: str = _field("auto", choices=("auto", "folder", "control_folder", "metadata_jsonl"),
+                         doc="folder: prompts.txt + target_images/ [+ source_images/ for i2i]; "
+                         "control_folder: training_images/NAME.png + NAME.txt + control_images/NAME.jpg "
+                         "(or NAME_1.jpg, NAME_2.jpg, ... for several); metadata_jsonl: metadata.jsonl with "
+                         "file_name and text (or image, prompt, control_images).")
     resolution: int = _field(1024, min=8, doc="Images are resized (short side) and cropped to this.")
     center_crop: bool = True
     random_flip: bool = False
     caption_dropout: float = _field(0.0, min=0, max=1, doc="Probability of training on an empty prompt.")
+    control_dropout: float = _field(
+        0.0, min=0, max=1, doc="i2i: probability that a micro-batch is trained without its control images "
+        "(text-to-image). Drawn once per micro-batch from (training.seed, epoch, first sample index), so "
+        "a batch never mixes with and without controls and a resumed run draws the same.")
+    buckets: bool = _field(False, doc="Aspect-ratio buckets: batches of one (height, width) of about "
+                           "resolution^2 pixels, sides multiples of the family's resolution multiple; each "
+                           "image (and its control images) is resized to cover its nearest-aspect bucket "
+                           "and cropped. Off: square resolution x resolution crops.")
+    bucket_aspect_range: list[float] = _field(default_factory=lambda: [0.5, 2.0],
+                                              doc="Buckets: [min, max] width/height of the buckets.")
+    bucket_step: Optional[int] = _field(None, min=1, doc="Buckets: side step in pixels (a multiple of the "
+                                        "family's resolution multiple); default the smallest such multiple "
+                                        ">= resolution/16 (64 at 1024 px).")
     on_error: str = _field("raise", choices=("raise", "skip"),
                            doc="raise: stop listing every bad file; skip: log and skip them.")
     shuffle: bool = True
@@ -164,20 +202,27 @@ class DPOConfig:
     loss_type: str = _field("sigmoid", choices=("sigmoid", "hinge", "ipo"))
     label_smoothing: float = _field(0.0, min=0, max=0.5)
     sft_weight: float = _field(0.0, min=0, doc="Weight of an SFT term on the preferred sample.")
+    online: bool = _field(False, doc="Online pairs: data.path holds prompts; each step samples num_generations "
+                                     "images per prompt, scores them with reward:, trains on best vs worst.")
+    num_generations: int = _field(4, min=2, doc="Online pairs: images sampled per prompt.")
+    sample_steps: int = _field(20, min=1, doc="Online pairs: ODE sampling steps.")
+    guidance_scale: float = _field(1.0, min=0, doc="Online pairs: classifier-free guidance when sampling.")
 
 
 @dataclass
 class GRPOConfig:
     num_generations: int = _field(4, min=2)
-    beta: float = _field(0.0, min=0, doc="KL weight to the reference (adapter disabled).")
+    beta: float = _field(0.0, min=0, doc="KL weight to the reference (LoRA: adapter disabled; full "
+                                         "fine-tuning: a frozen copy).")
     epsilon: float = _field(1e-4, min=0, doc="Clip range of the policy ratio.")
     epsilon_high: Optional[float] = _field(None, min=0)
     scale_rewards: str = _field("group", choices=("group", "batch", "none"))
-    num_iterations: int = _field(1, min=1)
+    num_iterations: int = _field(1, min=1, doc="Optimizer steps per rollout batch (TRL's inner epochs); the "
+                                               "old log-probs stay the rollout's, so the clip acts after the first.")
+    eval_steps: int = _field(30, min=1, doc="ODE steps of the evaluation samples.")
     loss_type: str = _field("grpo", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
     temperature: float = _field(1.0, min=0)
     sample_steps: int = _field(10, min=1)
-    eval_steps: int = _field(30, min=1)
     noise_level: float = _field(0.7, min=0)
     sde_window: Optional[list[int]] = _field(None, doc="[start, end) step indices that are stochastic.")
     timestep_fraction: float = _field(1.0, min=0, max=1)

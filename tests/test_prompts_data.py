@@ -17,3 +17,15 @@ def test_prompt_sources_and_targets(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "target_image": "missing.png"}) + "\n")
     with pytest.raises(DataError, match="missing.png: file not found"):
         load_prompts(tmp_path / "bad.jsonl")
+
+
+def test_jsonl_prompts_take_control_images_like_sft_manifests(tmp_path):
+    for name in ("s.png", "c1.png", "c2.png", "t.png"):
+        Image.new("RGB", (20, 20), "white").save(tmp_path / name)
+    rows = [{"prompt": "edit", "source_image": "s.png"},
+            {"prompt": "plus", "control_images": ["c1.png", "c2.png"], "image": "t.png"},
+            {"prompt": "one", "control_images": "c1.png"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    samples = load_prompts(tmp_path / "p.jsonl")
+    assert [[c.name for c in s.control_images] for s in samples] == [["s.png"], ["c1.png", "c2.png"], ["c1.png"]]
+    assert [s.image.name if s.image else None for s in samples] == [None, "t.png", None]

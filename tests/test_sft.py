@@ -1,7 +1,6 @@
 """SFT: the loss is the formula; training lowers it; resume is exact; cache changes nothing."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -1,8 +1,9 @@
 """On-disk cache of prompt embeddings and image latents (safetensors).
 
 Entries are keyed by content, never by path alone: the bytes of the image (or the prompt text),
-the model's fingerprint (its config and weight files), the resolution and the augmentation that
-changes the result (flip). Renaming a file reuses its entry; editing a file or swapping the
+the model's fingerprint (its config and weight files), the size the image was cropped to (the
+resolution, or the (height, width) of its aspect-ratio bucket) and the augmentation that changes
+the result (flip). Renaming a file reuses its entry; editing a file or swapping the
 model makes a new one, so caches from different runs never collide.
 """
 
@@ -80,8 +81,14 @@ class EmbeddingCache:
         controls = [file_digest(p) for p in control_images or []]
         return _key("prompt", prompt, controls)
 
-    def latent_key(self, image: Path, resolution: int, flip: bool, role: str = "target") -> str:
-        return _key("latents", role, file_digest(image), resolution, bool(flip))
+    def latent_key(self, image: Path, size: int | tuple[int, int], flip: bool, role: str = "target") -> str:
+        """`size`: the side of a square crop, or the (height, width) the image was cropped to (its
+        aspect-ratio bucket), so different buckets never share an entry. A square (h, h) keys like
+        h: resize-to-cover + center crop gives the same pixels with or without buckets."""
+        if not isinstance(size, int):
+            height, width = (int(v) for v in size)
+            size = height if height == width else [height, width]
+        return _key("latents", role, file_digest(image), size, bool(flip))
 
     def _path(self, key: str) -> Path:
         return self.dir / key[:2] / f"{key}.safetensors"

@@ -68,3 +68,24 @@ def make_colour_preference_pairs(out_dir: str | Path, count: int = 16, size: int
                      "chosen": f"images/{index:04d}_{chosen}.png", "rejected": f"images/{index:04d}_{rejected}.png"})
     (out_dir / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return out_dir / "pairs.jsonl"
+
+
+def make_edit_dataset(out_dir: str | Path, count: int = 16, size: int = 64, seed: int = 0) -> Path:
+    """Image-to-image dataset in the seed-000 layout: source_images/NNNN.png (a shape),
+    target_images/NNNN.png (the same shape, same place, recoloured) and prompts.txt ("make the
+    circle blue")."""
+    out_dir = Path(out_dir)
+    for folder in ("source_images", "target_images"):
+        (out_dir / folder).mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    prompts = []
+    for index in range(count):
+        shape, background = rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+        source, target = rng.sample(list(COLOURS), 2)
+        state = rng.getstate()
+        for folder, colour in (("source_images", source), ("target_images", target)):
+            rng.setstate(state)  # same size and position in both images
+            draw_shape(shape, colour, background, size, rng).save(out_dir / folder / f"{index:04d}.png", optimize=True)
+        prompts.append(f"make the {shape} {target}")
+    (out_dir / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    return out_dir

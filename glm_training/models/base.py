@@ -56,6 +56,9 @@ class ModelFamily(ABC):
     default_lora_targets: ClassVar[dict[str, list[str]]]
     #: Default `dpo.beta` for this family's objective.
     default_dpo_beta: ClassVar[float] = 1000.0
+    #: What DPO trains on pairs, when it is not the SFT terms: "errors" = the family computes
+    #: per-sample flow errors itself (`preference_errors`, BAGEL's packed sequences).
+    preference_terms: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
         self.cfg = cfg
@@ -68,6 +71,10 @@ class ModelFamily(ABC):
                 f"model.component: {group!r} is not valid for family {self.name}; "
                 f"choose one of {sorted(self.component_groups)}.")
         self.component_group = group
+        if cfg.model.max_sequence_length is not None:
+            if not hasattr(self, "max_sequence_length"):
+                raise ConfigError(f"model.max_sequence_length: {self.name} has no text length to set; remove it.")
+            self.max_sequence_length = cfg.model.max_sequence_length
         self.trained: list[str] = list(self.component_groups[group])
         # Filled by load(): the nn.Modules by name. Trainers may replace trained entries with
         # their distributed wrappers; `unwrapped()` gives the plain module back.
@@ -91,9 +98,27 @@ class ModelFamily(ABC):
         return getattr(module, "_orig_mod", module)
 
     def lora_targets(self, component: str) -> list[str]:
+        override = self.cfg.lora.components.get(component)
+        if override is not None and override.target_modules:
+            return override.target_modules
         if component.startswith("text_encoder"):
             return self.cfg.lora.text_encoder_target_modules
         return self.cfg.lora.target_modules or self.default_lora_targets[component]
+
+    def component_lora(self, component: str) -> dict[str, Any]:
+        """LoRA settings of one component: `lora.components.<component>` over the global `lora` values."""
+        lora = self.cfg.lora
+        unknown = sorted(set(lora.components) - set(self.component_choices))
+        if unknown:
+            raise ConfigError(f"lora.components: {unknown} are not components of {self.name}; "
+                              f"use {list(self.component_choices)}.")
+        override = lora.components.get(component)
+        settings = {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "init": lora.init,
+                    "pretrained_weight": lora.pretrained_weight}
+        if override is not None:
+            settings.update({k: getattr(override, k) for k in settings if getattr(override, k) is not None})
+        settings["target_modules"] = self.lora_targets(component)
+        return settings
 
     def setup_training(self) -> None:
         """Freeze everything, then make the selected components trainable (LoRA or full)."""
@@ -107,10 +132,11 @@ class ModelFamily(ABC):
         for name in self.trained:
             module = self.modules[name]
             if lora.enabled:
-                targets = self.lora_targets(name)
+                settings = self.component_lora(name)  # global lora values, per-component overrides
+                targets = settings["target_modules"]
                 module.add_adapter(PeftLoraConfig(
-                    r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                    init_lora_weights=True if lora.init == "default" else lora.init,
+                    r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
+                    init_lora_weights=True if settings["init"] == "default" else settings["init"],
                     target_modules=targets))
                 if not any(p.requires_grad for p in module.parameters()):
                     raise ConfigError(f"lora.target_modules {targets} matched no module of {name}.")
@@ -157,11 +183,40 @@ class ModelFamily(ABC):
             for key, tensor in expected.items():
                 tensor.copy_(state[key].to(tensor.device, tensor.dtype))
 
+    def snapshot_reference(self) -> None:
+        """Full fine-tuning: keep a frozen copy of the trained components as the reference (DPO,
+        GRPO's KL). Call it before the first optimizer step (trainers do, in setup); `reference()`
+        takes the copy itself on first use otherwise. LoRA needs no copy (adapter disabled)."""
+        if self.cfg.lora.enabled or getattr(self, "_reference_modules", None) is not None:
+            return
+        import copy
+        import logging
+
+        copies, size = {}, 0
+        for name in self.trained:
+            # Same dtype as the policy, so policy == reference holds exactly at step 0.
+            frozen = copy.deepcopy(self.unwrapped(name)).eval().requires_grad_(False)
+            size += sum(p.numel() * p.element_size() for p in frozen.parameters())
+            copies[name] = frozen
+        self._reference_modules = copies
+        logging.getLogger(__name__).warning(
+            "Full fine-tuning (lora.enabled: false): the frozen reference is a copy of %s holding %.2f GB "
+            "more memory on %s. Use LoRA (its reference is the base with the adapter disabled) to avoid it.",
+            ", ".join(self.trained), size / 1024**3, self.device)
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """Run the frozen reference: LoRA adapters disabled (full fine-tuning needs a copy)."""
+        """Run the frozen reference: LoRA adapters disabled, or (full fine-tuning) the frozen copy
+        of the trained components taken by `snapshot_reference()` swapped in."""
         if not self.cfg.lora.enabled:
-            raise ConfigError("The reference model is the base with the LoRA disabled: set lora.enabled: true.")
+            self.snapshot_reference()
+            saved = {name: self.modules[name] for name in self._reference_modules}
+            self.modules.update(self._reference_modules)
+            try:
+                yield
+            finally:
+                self.modules.update(saved)
+            return
         modules = [self.unwrapped(name) for name in self.trained]
         for module in modules:
             module.disable_adapters()
@@ -195,8 +250,34 @@ class DiffusionFamily(ModelFamily):
 
     #: Whether the prompt encoding depends on the control images (Qwen-Image-Edit's VL encoder).
     prompt_uses_images: ClassVar[bool] = False
+    #: Image sides must be multiples of this (VAE factor x patch size); buckets round to it.
+    resolution_multiple: ClassVar[int] = 8
+    #: Losses of the trained components, summed by SFT (and used by DPO / GRPO): "denoising" (the
+    #: objective on latents) and, for families with a token side (GLM-Image's AR), "tokens"
+    #: (`token_sft_loss`, `image_token_logprobs`).
+    sft_loss_terms: tuple[str, ...] = ("denoising",)
 
     objective: Any  # EpsilonObjective or FlowMatchingObjective, set by load()
+
+    def flow_matching_objective(self, scheduler_config: dict, patch_size: int = 2):
+        """Flow matching with the scheduler's shift (static, or resolution-dependent as the
+        pipelines' `calculate_shift`) and the timestep density of `training.weighting_scheme`."""
+        from glm_training.algorithms.objectives import FlowMatchingObjective, FlowShift
+
+        config = scheduler_config
+        if config.get("time_shift_type", "exponential") != "exponential":
+            raise ConfigError(f"{self.model_path}/scheduler: time_shift_type {config['time_shift_type']!r} "
+                              "is not supported (only 'exponential').")
+        if config.get("use_dynamic_shifting", False):
+            shift = FlowShift(dynamic=True, base_shift=config.get("base_shift", 0.5),
+                              max_shift=config.get("max_shift", 1.15),
+                              base_image_seq_len=config.get("base_image_seq_len", 256),
+                              max_image_seq_len=config.get("max_image_seq_len", 4096))
+        else:
+            shift = FlowShift(shift=float(config.get("shift", 1.0)))
+        training = self.cfg.training
+        return FlowMatchingObjective(shift, training.weighting_scheme, training.logit_mean, training.logit_std,
+                                     training.mode_scale, patch_size=patch_size)
 
     @abstractmethod
     def encode_prompt(self, prompts: list[str], control_images: list[list[torch.Tensor]] | None = None

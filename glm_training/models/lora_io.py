@@ -54,10 +54,12 @@ def save_diffusers_lora(pipeline_class: Any, modules: dict[str, nn.Module], out_
     return written
 
 
-def save_kohya_lora(modules: dict[str, nn.Module], path: Path) -> Path:
+def save_kohya_lora(modules: dict[str, nn.Module], path: Path, kohya_prefix: dict[str, str] | None = None) -> Path:
+    """`kohya_prefix` overrides KOHYA_PREFIX per component (FLUX: `lora_transformer`, the key
+    style that diffusers' FLUX loader and ComfyUI map from diffusers module paths)."""
     state: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
-        prefix = KOHYA_PREFIX.get(name, f"lora_{name}")
+        prefix = (kohya_prefix or {}).get(name) or KOHYA_PREFIX.get(name, f"lora_{name}")
         for key, tensor in peft_state_dict(module).items():
             module_path, kind = key.rsplit(".lora_", 1)  # "<path>", "A.weight" / "B.weight"
             kohya = f"{prefix}_{module_path.replace('.', '_')}"
@@ -67,6 +69,36 @@ def save_kohya_lora(modules: dict[str, nn.Module], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={"format": "pt", "ss_network_module": "networks.lora"})
     return path
+
+
+def save_transformer_lora(pipeline_class: Any, transformer: nn.Module, out_dir: Path, save_format: str,
+                          kohya_prefix: str, keep_targets: list[str]) -> list[Path]:
+    """A transformer LoRA for a flow pipeline: `<Pipeline>.save_lora_weights` with peft key names
+    (lora_A / lora_B, as diffusers' own FLUX / Qwen-Image training scripts save them) + adapter
+    metadata, and with `save_format` comfyui/both a kohya file with `kohya_prefix` keys, checked to
+    map back to exactly the same weights through `pipeline_class.lora_state_dict`."""
+    from glm_training.config import ConfigError
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = transformer.peft_config["default"].to_dict()
+    config["target_modules"] = sorted(config.get("target_modules") or [])
+    pipeline_class.save_lora_weights(out_dir, transformer_lora_layers=peft_state_dict(transformer),
+                                     transformer_lora_adapter_metadata=config, safe_serialization=True)
+    written = [out_dir / LORA_WEIGHT_NAME]
+    if save_format in ("comfyui", "both"):
+        kohya = save_kohya_lora({"transformer": transformer}, out_dir / "comfyui" / LORA_WEIGHT_NAME,
+                                {"transformer": kohya_prefix})
+        converted = pipeline_class.lora_state_dict(load_file(str(kohya)))
+        expected = set(load_file(str(written[0])))
+        if set(converted) != expected:
+            kohya.unlink()
+            lost = sorted(expected - set(converted))[:3]
+            raise ConfigError(f"lora.save_format: {save_format} - the kohya/ComfyUI layout of "
+                              f"{pipeline_class.__name__} cannot represent some trained modules (e.g. {lost}); "
+                              f"keep lora.target_modules to {keep_targets} or set lora.save_format: diffusers.")
+        written.append(kohya)
+    return written
 
 
 def load_lora_into_modules(modules: dict[str, nn.Module], path: str | Path) -> None:

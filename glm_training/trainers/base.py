@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glm_training.config import Config, ConfigError
-from glm_training.data.datasets import ShardedBatchSampler, collate
+from glm_training.data.datasets import collate, make_batch_sampler
 from glm_training.models.base import ModelFamily, build_family
 from glm_training.trainers.optim import build_optimizer, build_scheduler
 from glm_training.utils import checkpoint as ckpt
@@ -147,8 +147,13 @@ class BaseTrainer(ABC):
         self.family.setup_training()
         self.dataset = self.build_dataset()
         acc = self.accelerator
-        self.sampler = ShardedBatchSampler(
-            len(self.dataset), self.dataset_items_per_batch(), acc.num_processes, acc.process_index,
+        # Datasets with aspect-ratio buckets get a sampler whose batches hold one shape each.
+        if self.cfg.data.buckets and getattr(self.dataset, "bucket_ids", None) is None:
+            raise ConfigError(f"data.buckets: not supported by training.method {self.method} with "
+                              f"{self.cfg.model.family} yet (SFT of diffusion families only); set "
+                              "data.buckets: false.")
+        self.sampler = make_batch_sampler(
+            self.dataset, self.dataset_items_per_batch(), acc.num_processes, acc.process_index,
             seed=self.cfg.training.seed, shuffle=self.cfg.data.shuffle)
         self.batches_per_epoch = len(self.sampler)
         steps_per_epoch = max(1, self.batches_per_epoch // self.cfg.training.gradient_accumulation_steps)
@@ -331,10 +336,32 @@ class BaseTrainer(ABC):
             logger.info("Saved final weights: %s", ", ".join(str(p) for p in written))
         self.accelerator.wait_for_everyone()
 
-    def save_samples(self, images: list, captions: list[str], step: int) -> Path:
-        grid = image_grid(images, captions)
-        path = self.run_dir / "samples" / f"step-{step:06d}.png"
+    def save_samples(self, images: list, captions: list[str], step: int, notes: list[str] | None = None,
+                     name: str = "samples") -> Path:
+        """`samples/step-<step>.png` (`samples/<name>-step-<step>.png` for other names). `notes`
+        (e.g. each image's rewards) are written in full under each image's caption."""
+        if notes is None:
+            grid = image_grid(images, captions)
+        else:
+            from PIL import Image, ImageDraw
+
+            # Small images (tiny models) are enlarged so that a line of scores stays readable.
+            width = max(160, images[0].size[0])
+            height = images[0].size[1] * width // images[0].size[0]
+            lines = [[caption[: width // 6]] + note.split(" ") for caption, note in zip(captions, notes)]
+            strip = 11 * max(len(lines_) for lines_ in lines) + 4
+            columns = min(4, len(images))
+            rows = (len(images) + columns - 1) // columns
+            canvas = Image.new("RGB", (columns * width, rows * (height + strip)), "white")
+            draw = ImageDraw.Draw(canvas)
+            for index, image in enumerate(images):
+                x, y = (index % columns) * width, (index // columns) * (height + strip)
+                canvas.paste(image.convert("RGB").resize((width, height)), (x, y))
+                draw.multiline_text((x + 2, y + height + 2), "\n".join(lines[index]), fill="black", spacing=1)
+            grid = canvas
+        stem = f"step-{step:06d}" if name == "samples" else f"{name}-step-{step:06d}"
+        path = self.run_dir / "samples" / f"{stem}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)
-        self.trackers.log_image("samples", grid, step)
+        self.trackers.log_image(name, grid, step)
         return path

@@ -6,7 +6,9 @@ stored), so a run whose cache was filled never loads the text encoders.
 
 Per-sample randomness (caption dropout, noise, timesteps) is drawn from a generator seeded by
 (seed, epoch, dataset index): the same sample gets the same draw whatever the batch size, the
-number of processes, or where a run was resumed.
+number of processes, or where a run was resumed. Control dropout is drawn once per micro-batch,
+seeded by (seed, epoch, index of the batch's first sample): a batch is trained either entirely
+with or entirely without its control images, and a resumed run draws the same.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from glm_training.data.cache import EmbeddingCache
 from glm_training.data.datasets import Sample, sample_generator
 from glm_training.models.base import DiffusionFamily
 
-SALT_CAPTION_DROPOUT, SALT_NOISE = 4, 3
+SALT_CAPTION_DROPOUT, SALT_NOISE, SALT_CONTROL_DROPOUT = 4, 3, 8
 
 
 class ConditionEncoder:
     def __init__(self, family: DiffusionFamily, samples: list[Sample], cache_dir: str | None,
                  resolution: int, caption_dropout: float = 0.0, seed: int = 0,
-                 random_flip: bool = False):
+                 random_flip: bool = False, control_dropout: float = 0.0):
         self.family = family
+        self.control_dropout = control_dropout
         self.random_flip = random_flip
         self.samples = samples
         self.resolution = resolution
@@ -45,6 +48,13 @@ class ConditionEncoder:
                 if draw.item() < self.caption_dropout:
                     prompts[i] = ""
         return prompts
+
+    def drops_controls(self, batch: dict[str, Any], epoch: int) -> bool:
+        """Whether this micro-batch is trained without its control images (data.control_dropout)."""
+        if self.control_dropout <= 0 or not batch.get("control_pixel_values"):
+            return False
+        generator = sample_generator(self.seed, epoch, int(batch["index"][0]), SALT_CONTROL_DROPOUT)
+        return torch.rand(1, generator=generator).item() < self.control_dropout
 
     def encode_prompts(self, prompts: list[str], control_paths: list[list[Path]] | None = None,
                        control_pixels: list[list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
@@ -73,7 +83,8 @@ class ConditionEncoder:
         if self.cache is None:
             with torch.no_grad():
                 return self.family.encode_images(pixels)
-        keys = [self.cache.latent_key(p, self.resolution, f, role) for p, f in zip(paths, flips)]
+        size = tuple(pixels.shape[-2:])  # the bucket's (height, width), or resolution x resolution
+        keys = [self.cache.latent_key(p, size, f, role) for p, f in zip(paths, flips)]
         found = [self.cache.get(k) for k in keys]
         missing = [i for i, item in enumerate(found) if item is None]
         if missing:
@@ -92,6 +103,9 @@ class ConditionEncoder:
         flips = batch.get("flip", [False] * len(samples))
         latents = self.encode_latents(batch["pixel_values"], [s.image for s in samples], flips)
         control_paths = [s.control_images for s in samples]
+        if self.drops_controls(batch, epoch):  # text-to-image for this micro-batch
+            batch = {k: v for k, v in batch.items() if k != "control_pixel_values"}
+            control_paths = [[] for _ in samples]
         controls = batch.get("control_pixel_values")
         prompt_embeds = self.encode_prompts(self.prompts_for(batch, epoch), control_paths, controls)
         if controls is not None:
@@ -121,7 +135,12 @@ class ConditionEncoder:
         self.encode_latents(batch["pixel_values"], paths, flips)
         if self.random_flip:  # the other orientation is used in other epochs
             self.encode_latents(batch["pixel_values"].flip(-1), paths, [not f for f in flips])
-        if self.caption_dropout > 0:
-            self.encode_prompts([""])
         control_paths = [s.control_images for s in samples]
+        if self.caption_dropout > 0:
+            if self.family.prompt_uses_images:  # the empty prompt is still encoded with each sample's images
+                self.encode_prompts([""] * len(samples), control_paths, batch.get("control_pixel_values"))
+            else:
+                self.encode_prompts([""])
         self.encode_prompts(list(batch["prompt"]), control_paths, batch.get("control_pixel_values"))
+        if self.control_dropout > 0 and self.family.prompt_uses_images and batch.get("control_pixel_values"):
+            self.encode_prompts(list(batch["prompt"]))  # the prompts of batches whose controls drop

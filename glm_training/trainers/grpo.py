@@ -5,25 +5,153 @@ Per micro-batch: each prompt is sampled `grpo.num_generations` times with the cu
 grad), the images are scored by the reward calculator, advantages are normalised within each
 group (`algorithms.grpo.compute_advantages`, zero-std groups masked), then for a random
 `timestep_fraction` of the stochastic steps the log-prob of the recorded transition is recomputed
-with gradients and the clipped objective (+ `beta` x KL to the adapter-disabled reference) is
-back-propagated, one step at a time to bound memory. Groups never cross processes.
+with gradients and the clipped objective (+ `beta` x KL to the reference) is back-propagated, one
+step at a time to bound memory. Groups never cross processes: a rank gets whole prompts
+(`dataset_items_per_batch`) and samples all G members of each itself.
+
+`grpo.num_iterations` > 1 (TRL's inner epochs): the rollouts of one optimizer step's micro-batches
+are kept and trained on for `num_iterations` consecutive optimizer steps. The old log-probs stay
+the rollout's, so the ratio is exactly 1 on the first iteration and departs from 1 (and the clip
+acts) on later ones. `IterationBatchSampler` serves each block of `gradient_accumulation_steps`
+batches `num_iterations` times; a checkpoint taken inside a block stores the rollout buffer, so
+resume is exact.
+
+Evaluation (every `logging.sample_steps` and at the end): the eval prompts are sampled with the
+ODE (noise level 0) in `grpo.eval_steps` steps, scored, logged as `eval/reward/*`, and saved as a
+grid with each image's rewards under it, next to a grid of the latest rollout.
+
+Token GRPO (families whose trained component is a token generator feeding a diffusion decoder:
+GLM-Image `model.component: ar`): per prompt, `num_generations` image-token sequences are sampled
+with the current policy (`family.generate_image_tokens`, at `grpo.temperature`), decoded by the
+frozen decoder (`family.condition_from_prior_tokens` + the shared ODE sampler, `grpo.sample_steps`
+steps; the decoder noise is shared within a group so that rewards differ by the tokens only), and
+scored by the reward calculator built for the component (`reward.weights.ar`). The loss is TRL's
+(`algorithms.grpo.token_grpo_loss`, `grpo.loss_type`) on per-token log-probs recomputed with
+gradients (`family.image_token_logprobs_per_token`), zero-std groups masked, plus `beta` x k3 KL
+to the reference. First iteration: old log-probs = the recomputed ones, detached (ratio exactly
+1, as TRL); they are kept for the later `num_iterations`. `gen_logprob_abs_diff` logs how far
+the recomputed log-probs are from the sampling ones (numerics only: it should be ~1e-5).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
-from glm_training.algorithms.grpo import clipped_policy_loss, compute_advantages, flow_kl
+from glm_training.algorithms.grpo import clipped_policy_loss, compute_advantages, flow_kl, token_grpo_loss
 from glm_training.config import ConfigError
-from glm_training.data.datasets import PromptDataset, load_prompts, sample_generator
+from glm_training.data.datasets import PromptDataset, Sample, ShardedBatchSampler, collate, load_prompts, \
+    sample_generator
 from glm_training.models.base import DiffusionFamily
 from glm_training.trainers.base import BaseTrainer
 from glm_training.trainers.conditioning import ConditionEncoder
-from glm_training.trainers.sampler import DiffusionSampler
+from glm_training.trainers.optim import lr_lambda
+from glm_training.trainers.sampler import DiffusionSampler, Trajectory, generation_conditions, reward_inputs, \
+    reward_notes, to_unit_images
+
+logger = logging.getLogger(__name__)
 
 SALT_ROLLOUT, SALT_TIMESTEPS = 5, 6
+SALT_DECODE = 9  # decoder noise of token rollouts
+BUFFER_FILE = "rollout_buffer_rank{rank}.safetensors"
+EVAL_PROMPTS_FALLBACK = 4  # eval on the first training prompts when logging.sample_prompts is empty
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of rollouts: everything the policy update needs, reusable across iterations."""
+
+    indices: list[int]  # dataset index of each prompt (each sampled G times, prompt-major)
+    trajectory: Trajectory
+    advantages: torch.Tensor  # (B*G,)
+    valid: torch.Tensor  # (B*G,) bool, False in zero-std groups
+    metrics: dict[str, float]  # reward statistics of the rollout
+    condition: dict[str, Any] | None = None  # rebuilt from the batch after a resume
+    uncondition: dict[str, Any] | None = None
+
+
+@dataclass
+class TokenRollout:
+    """One micro-batch of token rollouts (token GRPO), reusable across iterations."""
+
+    indices: list[int]  # dataset index of each prompt (each sampled G times, prompt-major)
+    prompts: list[str]  # (B*G,)
+    tokens: torch.Tensor  # (B*G, N) sampled image tokens
+    gen_logprobs: torch.Tensor  # (B*G, N) per-token log-probs at sampling time
+    advantages: torch.Tensor  # (B*G,)
+    valid: torch.Tensor  # (B*G,) bool, False in zero-std groups
+    metrics: dict[str, float]
+    controls: list[torch.Tensor] | None = None  # control pixels repeated per member (image-to-image)
+    old_logprobs: torch.Tensor | None = None  # recomputed on the first iteration, kept for the next ones
+
+    TENSORS = ("tokens", "gen_logprobs", "advantages", "valid", "old_logprobs")
+
+    def to_tensors(self, micro: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{micro}.{name}": getattr(self, name).detach().cpu().contiguous()
+                   for name in self.TENSORS if getattr(self, name) is not None}
+        tensors[f"{micro}.valid"] = self.valid.cpu().to(torch.uint8)
+        for k, group in enumerate(self.controls or []):
+            tensors[f"{micro}.control{k}"] = group.detach().cpu().contiguous()
+        meta = {"kind": "tokens", "indices": self.indices, "prompts": self.prompts, "metrics": self.metrics,
+                "controls": len(self.controls or [])}
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, handle: Any, micro: str, meta: dict[str, Any], device: torch.device) -> "TokenRollout":
+        keys = set(handle.keys())
+
+        def get(name):
+            key = f"{micro}.{name}"
+            return handle.get_tensor(key).to(device) if key in keys else None
+
+        controls = [get(f"control{k}") for k in range(meta["controls"])] or None
+        return cls(meta["indices"], meta["prompts"], get("tokens"), get("gen_logprobs"), get("advantages"),
+                   get("valid").bool(), meta["metrics"], controls, get("old_logprobs"))
+
+
+class IterationBatchSampler:
+    """Each block of `accumulation` consecutive batches of `base`, served `iterations` times in a
+    row (one rollout, `iterations` optimizer steps). The ragged end of an epoch (fewer than
+    `accumulation` batches) is dropped so blocks never cross epochs. Positions (`start_batch`)
+    count served batches, as the trainer's `batch_in_epoch` does."""
+
+    def __init__(self, base: ShardedBatchSampler, accumulation: int, iterations: int):
+        self.base, self.accumulation, self.iterations = base, accumulation, iterations
+        self.blocks = (base.num_samples // base.global_batch_size) // accumulation
+        if self.blocks == 0:
+            raise ConfigError(
+                f"grpo.num_iterations > 1 needs at least training.gradient_accumulation_steps "
+                f"({accumulation}) batches of prompts per epoch; the data has "
+                f"{base.num_samples // base.global_batch_size}. Add prompts or lower the accumulation.")
+        self.start_batch = 0
+
+    @property
+    def served_per_epoch(self) -> int:
+        return self.blocks * self.accumulation * self.iterations
+
+    def position(self, served: int) -> tuple[int, int]:
+        """(iteration, micro-batch within the block) of the served batch number `served`."""
+        within = served % (self.accumulation * self.iterations)
+        return within // self.accumulation, within % self.accumulation
+
+    def __len__(self) -> int:
+        return self.served_per_epoch - self.start_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.base.set_epoch(epoch, 0)
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = list(self.base)
+        for served in range(self.start_batch, self.served_per_epoch):
+            block = served // (self.accumulation * self.iterations)
+            yield batches[block * self.accumulation + self.position(served)[1]]
 
 
 class GRPOTrainer(BaseTrainer):
@@ -38,18 +166,47 @@ class GRPOTrainer(BaseTrainer):
         grpo = self.cfg.grpo
         if not isinstance(self.family, DiffusionFamily):
             raise ConfigError(f"training.method: grpo for {self.cfg.model.family} is not available yet.")
-        if grpo.num_iterations != 1:
-            raise ConfigError("grpo.num_iterations > 1 is not supported for diffusion GRPO yet; use 1.")
-        if grpo.beta > 0 and not self.cfg.lora.enabled:
-            raise ConfigError("grpo.beta > 0 needs the LoRA-disabled reference: set lora.enabled: true.")
+        # What the trained components are, as the family reports it (GLM-Image: "tokens" for the AR).
+        terms = tuple(self.family.sft_loss_terms)
+        self.token_policy = "tokens" in terms
+        if self.token_policy and terms != ("tokens",):
+            raise ConfigError(
+                f"training.method: grpo: model.component {self.cfg.model.component!r} trains {list(terms)}; token "
+                "GRPO and Flow-GRPO in one run are not available yet. Train model.component: ar and dit in "
+                "two runs (reward.weights.ar / reward.weights.dit pick each one's rewards).")
+        if grpo.beta > 0:
+            self.family.snapshot_reference()  # full fine-tuning: frozen copy before any update
         self.samples = load_prompts(self.cfg.data.path)
+        missing = [s.prompt for s in self.samples if not s.control_images]
+        if self.cfg.training.mode == "i2i" and missing:  # as SFT: i2i needs a source image per prompt
+            raise ConfigError(f"training.mode: i2i needs a source image for every prompt; {len(missing)} have none "
+                              f"(e.g. {missing[0]!r}). Prompts .jsonl: a 'source_image' per line; folder: "
+                              "source_images/.")
         self.encoder = ConditionEncoder(self.family, self.samples,
                                         self.cfg.cache.dir if self.cfg.cache.enabled else None,
                                         self.cfg.data.resolution, 0.0, self.cfg.training.seed)
-        guidance = grpo.guidance_scale if grpo.train_cfg or grpo.guidance_scale == 1.0 else 1.0
-        self.sampler_ = DiffusionSampler(self.family, grpo.sample_steps, guidance, grpo.noise_level, grpo.sde_window)
+        self.guidance = grpo.guidance_scale if grpo.train_cfg or grpo.guidance_scale == 1.0 else 1.0
+        self.sampler_ = DiffusionSampler(self.family, grpo.sample_steps, self.guidance, grpo.noise_level,
+                                         grpo.sde_window)
         self.rewards = build_reward_calculator(self.cfg.to_dict()["reward"], self.cfg.model.component)
+        self.buffer: dict[int, Rollout] = {}
+        self.last_rollout: tuple[list[str], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
         return PromptDataset(self.samples, self.cfg.data.resolution)
+
+    def setup(self) -> None:
+        super().setup()
+        iterations = self.cfg.grpo.num_iterations
+        if iterations > 1:
+            accumulation = self.cfg.training.gradient_accumulation_steps
+            self.sampler = IterationBatchSampler(self.sampler, accumulation, iterations)
+            self.batches_per_epoch = self.sampler.served_per_epoch
+            if not self.cfg.training.max_train_steps:
+                # num_epochs counts passes over the prompts; each pass now takes `iterations`
+                # times more optimizer steps, and the LR schedule spans all of them.
+                self.max_steps = self.sampler.blocks * iterations * self.cfg.training.num_epochs
+                sched = self.cfg.lr_scheduler
+                self.scheduler.lr_lambdas = [lr_lambda(sched.name, sched.warmup_steps, self.max_steps,
+                                                       sched.min_lr_ratio) for _ in self.scheduler.lr_lambdas]
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Not used: the GRPO loss is back-propagated per trained timestep in `backward`."""
@@ -58,28 +215,13 @@ class GRPOTrainer(BaseTrainer):
     # -- rollouts ------------------------------------------------------------------------------
 
     def conditions(self, batch: dict[str, Any], repeats: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        prompts = [p for p in batch["prompt"] for _ in range(repeats)]
-        count, size = len(prompts), self.cfg.data.resolution
-        generation = {"original_size": torch.tensor([[size, size]] * count),
-                      "crop_top_left": torch.zeros(count, 2, dtype=torch.long),
-                      "target_size": torch.tensor([[size, size]] * count)}
-        controls = batch.get("control_pixel_values")
-        control_paths = [self.samples[i].control_images for i in batch["index"] for _ in range(repeats)]
-        if controls is not None:
-            controls = [group.repeat_interleave(repeats, dim=0) for group in controls]
-            generation["control_latents"] = [
-                self.encoder.encode_latents(group, [c[k] for c in control_paths], [False] * count, f"control{k}")
-                for k, group in enumerate(controls)]
-        condition = self.family.condition(self.encoder.encode_prompts(prompts, control_paths, controls), generation)
-        uncondition = None
-        if self.sampler_.guidance_scale != 1.0:
-            uncondition = self.family.condition(
-                self.encoder.encode_prompts([""] * count, control_paths, controls), generation)
-        return condition, uncondition
+        return generation_conditions(self.family, self.encoder, self.samples, batch, repeats,
+                                     self.cfg.data.resolution, self.sampler_.guidance_scale)
 
-    def backward(self, batch: dict[str, Any], scale: float) -> dict[str, float]:
-        from glm_training.rewards import RewardInputs
-
+    def make_rollout(self, batch: dict[str, Any]) -> Rollout | TokenRollout:
+        """Sample G images per prompt with the current policy, score them, normalise advantages."""
+        if self.token_policy:
+            return self.make_token_rollout(batch)
         grpo, seed = self.cfg.grpo, self.cfg.training.seed
         group = grpo.num_generations
         size = self.cfg.data.resolution
@@ -90,26 +232,50 @@ class GRPOTrainer(BaseTrainer):
         shape = self.family.latent_shape(size, size)
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
         trajectory = self.sampler_.rollout(noise, condition, uncondition, generators=generators)
-        with torch.no_grad():
-            images = ((self.family.decode_latents(trajectory.final).float() + 1) / 2).clamp(0, 1).cpu()
-        prompts = [p for p in batch["prompt"] for _ in range(group)]
-
-        def repeat(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.repeat_interleave(group, dim=0)
-
-        inputs = RewardInputs(
-            images=images, prompts=prompts,
-            target_images=repeat(batch["target_images"]) if "target_images" in batch else None,
-            source_images=(repeat((batch["control_pixel_values"][0] + 1) / 2)
-                           if "control_pixel_values" in batch else None))
+        images = to_unit_images(self.family, trajectory.final)
+        inputs = reward_inputs(batch, images, group)
         total, per_reward = self.rewards(inputs)
+        # Group = one prompt of this rank's batch: all G members were sampled here.
         group_ids = torch.arange(len(batch["index"])).repeat_interleave(group)
         advantages, valid, adv_stats = compute_advantages(total.float(), group_ids, grpo.scale_rewards,
                                                           grpo.adv_clip_max)
-        advantages, valid = advantages.to(self.device), valid.to(self.device)
         metrics = {**self.rewards.log_stats(total, per_reward),
                    "zero_std_fraction": float(adv_stats["zero_std_fraction"])}
+        self.last_rollout = (inputs.prompts, images, total, per_reward)
+        return Rollout(list(batch["index"]), trajectory, advantages.to(self.device), valid.to(self.device),
+                       metrics, condition, uncondition)
 
+    def position(self) -> tuple[int, int]:
+        """(iteration, micro-batch) of the batch being trained: (0, 0) without num_iterations."""
+        if isinstance(self.sampler, IterationBatchSampler):
+            return self.sampler.position(self.batch_in_epoch)
+        return 0, 0
+
+    def rollout_for(self, batch: dict[str, Any]) -> tuple[Rollout, int]:
+        iteration, micro = self.position()
+        if iteration == 0:
+            rollout = self.make_rollout(batch)
+            if self.cfg.grpo.num_iterations > 1:
+                self.buffer[micro] = rollout
+            return rollout, iteration
+        rollout = self.buffer.get(micro)
+        if rollout is None or rollout.indices != list(batch["index"]):
+            raise RuntimeError(
+                f"GRPO num_iterations: no stored rollout for iteration {iteration}, micro-batch {micro} at step "
+                f"{self.global_step}. The checkpoint resumed from lacks {BUFFER_FILE.format(rank='<r>')} "
+                "(its save was interrupted?): resume from an earlier checkpoint.")
+        if not isinstance(rollout, TokenRollout) and rollout.condition is None:  # restored: recomputed
+            rollout.condition, rollout.uncondition = self.conditions(batch, self.cfg.grpo.num_generations)
+        return rollout, iteration
+
+    # -- the policy update ---------------------------------------------------------------------
+
+    def backward(self, batch: dict[str, Any], scale: float) -> dict[str, float]:
+        grpo, seed = self.cfg.grpo, self.cfg.training.seed
+        rollout, iteration = self.rollout_for(batch)
+        if isinstance(rollout, TokenRollout):
+            return self.token_backward(rollout, iteration, scale)
+        trajectory, condition, uncondition = rollout.trajectory, rollout.condition, rollout.uncondition
         steps = [k for k, stochastic in enumerate(trajectory.stochastic) if stochastic]
         if grpo.timestep_fraction < 1.0:
             order = torch.randperm(len(steps), generator=sample_generator(seed, self.global_step, 0, SALT_TIMESTEPS))
@@ -117,12 +283,14 @@ class GRPOTrainer(BaseTrainer):
         if not steps:
             raise ConfigError("No stochastic sampling step to train: raise grpo.noise_level or widen grpo.sde_window.")
         sums: dict[str, float] = {}
+        ratio_min, ratio_max = float("inf"), float("-inf")
         schedule = self.sampler_.schedule(trajectory.states[0])
         for k in steps:
-            state, target = trajectory.states[k], trajectory.states[k + 1]
+            state, target = trajectory.states[k].to(self.device), trajectory.states[k + 1].to(self.device)
             step = self.sampler_.step(k, state, condition, uncondition, prev_sample=target, schedule=schedule)
             loss, stats = clipped_policy_loss(step.log_prob, trajectory.log_probs[:, k].to(self.device),
-                                              advantages, grpo.epsilon, grpo.epsilon_high, mask=valid)
+                                              rollout.advantages, grpo.epsilon, grpo.epsilon_high,
+                                              mask=rollout.valid)
             if grpo.beta > 0:
                 with torch.no_grad(), self.family.reference():
                     reference = self.sampler_.step(k, state, condition, uncondition, prev_sample=target,
@@ -131,6 +299,211 @@ class GRPOTrainer(BaseTrainer):
                 loss = loss + grpo.beta * kl
                 stats["kl"] = kl.detach()
             self.accelerator.backward(loss * scale / len(steps))
+            ratio_min, ratio_max = min(ratio_min, float(stats.pop("ratio_min"))), max(ratio_max,
+                                                                                     float(stats.pop("ratio_max")))
             for key, value in {"loss": loss.detach(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / len(steps)
-        return {**metrics, **sums}
+                sums[key] = sums.get(key, 0.0) + float(value)
+        # Sum, then divide: an on-policy ratio of exactly 1 stays exactly 1 in the logs.
+        means = {key: value / len(steps) for key, value in sums.items()}
+        return {**rollout.metrics, **means, "ratio_min": ratio_min, "ratio_max": ratio_max,
+                "iteration": float(iteration)}
+
+    # -- token GRPO (a token generator feeding a frozen diffusion decoder) ----------------------
+
+    def sample_token_images(self, batch: dict[str, Any], group: int, seed: int, steps: int
+                            ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Sample `group` token sequences per prompt of `batch` with the current policy (one seeded
+        call; the global RNG is left as it was) and decode them with the frozen decoder (ODE, `steps`
+        steps, decoder noise shared within each group). Returns images in [0, 1] and the generation."""
+        size, family = self.cfg.data.resolution, self.family
+        prompts = [p for p in batch["prompt"] for _ in range(group)]
+        controls = batch.get("control_pixel_values")
+        if controls is not None:
+            controls = [g.repeat_interleave(group, dim=0).to(self.device) for g in controls]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # generate_image_tokens seeds the global RNG
+            generation = family.generate_image_tokens(prompts, height=size, width=size, seed=seed,
+                                                      control_pixels=controls, temperature=self.cfg.grpo.temperature)
+        control_paths = [self.samples[i].control_images for i in batch["index"] for _ in range(group)]
+        embeds = self.encoder.encode_prompts(prompts, control_paths, controls)
+        condition = family.condition_from_prior_tokens(embeds, generation["prior_token_ids"], size, size, controls)
+        shape = family.latent_shape(size, size)
+        noise = torch.stack([torch.randn(shape, generator=sample_generator(self.cfg.training.seed, seed, int(index),
+                                                                           SALT_DECODE))
+                             for index in batch["index"]]).repeat_interleave(group, dim=0)
+        decoder = DiffusionSampler(family, steps, 1.0, noise_level=0.0)
+        images = to_unit_images(family, decoder.rollout(noise.to(self.device), condition).final)
+        generation["controls"] = controls
+        return images, generation
+
+    @torch.no_grad()
+    def make_token_rollout(self, batch: dict[str, Any]) -> TokenRollout:
+        grpo, seed = self.cfg.grpo, self.cfg.training.seed
+        group = grpo.num_generations
+        # One seed per (step, micro-batch): its first prompt's index.
+        draw = sample_generator(seed, self.global_step, int(batch["index"][0]), SALT_ROLLOUT)
+        rollout_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=draw))
+        images, generation = self.sample_token_images(batch, group, rollout_seed, grpo.sample_steps)
+        inputs = reward_inputs(batch, images, group)
+        total, per_reward = self.rewards(inputs)
+        group_ids = torch.arange(len(batch["index"])).repeat_interleave(group)
+        advantages, valid, adv_stats = compute_advantages(total.float(), group_ids, grpo.scale_rewards,
+                                                          grpo.adv_clip_max)
+        metrics = {**self.rewards.log_stats(total, per_reward),
+                   "zero_std_fraction": float(adv_stats["zero_std_fraction"])}
+        self.last_rollout = (inputs.prompts, images, total, per_reward)
+        return TokenRollout(list(batch["index"]), inputs.prompts, generation["tokens"], generation["logprobs"].float(),
+                            advantages.to(self.device), valid.to(self.device), metrics, generation["controls"])
+
+    def token_backward(self, rollout: TokenRollout, iteration: int, scale: float) -> dict[str, float]:
+        grpo, size = self.cfg.grpo, self.cfg.data.resolution
+        count = len(rollout.prompts)
+        batch: dict[str, Any] = {"prompt": rollout.prompts, "image_tokens": rollout.tokens,
+                                 "pixel_values": torch.zeros(count, 3, size, size)}  # sets the size only
+        if rollout.controls is not None:
+            batch["control_pixel_values"] = rollout.controls
+        logprobs = self.family.image_token_logprobs_per_token(batch, temperature=grpo.temperature)
+        reference = None
+        if grpo.beta > 0:
+            with torch.no_grad(), self.family.reference():
+                reference = self.family.image_token_logprobs_per_token(batch, temperature=grpo.temperature)
+        if iteration == 0:
+            old = None  # on-policy: ratio exactly 1 (TRL); the recomputed values serve later iterations
+            rollout.old_logprobs = logprobs.detach()
+        elif rollout.old_logprobs is None:
+            raise RuntimeError("token GRPO: a later iteration without the first iteration's log-probs.")
+        else:
+            old = rollout.old_logprobs
+        # Zero-std groups (advantage 0) are masked out of the loss, as in Flow-GRPO here.
+        mask = rollout.valid[:, None].expand_as(logprobs)
+        loss, stats = token_grpo_loss(logprobs, old, rollout.advantages, mask, grpo.epsilon, grpo.epsilon_high,
+                                      grpo.beta, reference, grpo.loss_type)
+        self.accelerator.backward(loss * scale)
+        with torch.no_grad():
+            gap = (logprobs.detach() - rollout.gen_logprobs.to(logprobs.device)).abs().mean()
+        return {**rollout.metrics, "loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()},
+                "gen_logprob_abs_diff": float(gap), "iteration": float(iteration)}
+
+    # -- resumable rollout buffer (num_iterations > 1) ------------------------------------------
+
+    def save_checkpoint(self) -> Path | None:
+        path = super().save_checkpoint()
+        if self.position()[0] != 0 and self.buffer:  # the next steps still train on this buffer
+            from safetensors.torch import save_file
+
+            folder = self.run_dir / f"checkpoint-{self.global_step}"
+            tensors, meta = {}, {}
+            for micro, rollout in self.buffer.items():
+                if isinstance(rollout, TokenRollout):
+                    token_tensors, meta[str(micro)] = rollout.to_tensors(micro)
+                    tensors.update(token_tensors)
+                    continue
+                tensors[f"{micro}.states"] = torch.stack(rollout.trajectory.states).cpu().contiguous()
+                tensors[f"{micro}.log_probs"] = rollout.trajectory.log_probs.cpu().contiguous()
+                tensors[f"{micro}.advantages"] = rollout.advantages.cpu().contiguous()
+                tensors[f"{micro}.valid"] = rollout.valid.cpu().to(torch.uint8)
+                meta[str(micro)] = {"indices": rollout.indices, "metrics": rollout.metrics,
+                                    "stochastic": rollout.trajectory.stochastic}
+            tmp = folder / (BUFFER_FILE.format(rank=self.accelerator.process_index) + ".tmp")
+            save_file(tensors, str(tmp), metadata={"rollouts": json.dumps(meta)})
+            tmp.rename(tmp.with_suffix(""))
+            self.accelerator.wait_for_everyone()
+        return path
+
+    def _restore(self, path: Path) -> None:
+        super()._restore(path)
+        file = path / BUFFER_FILE.format(rank=self.accelerator.process_index)
+        if not file.is_file():
+            return
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["rollouts"])
+            for micro, info in meta.items():
+                if info.get("kind") == "tokens":
+                    self.buffer[int(micro)] = TokenRollout.from_tensors(handle, micro, info, self.device)
+                    continue
+                states = handle.get_tensor(f"{micro}.states")
+                trajectory = Trajectory(list(states.to(self.device).unbind(0)),
+                                        handle.get_tensor(f"{micro}.log_probs"), info["stochastic"])
+                self.buffer[int(micro)] = Rollout(
+                    info["indices"], trajectory, handle.get_tensor(f"{micro}.advantages").to(self.device),
+                    handle.get_tensor(f"{micro}.valid").bool().to(self.device), info["metrics"])
+
+    # -- evaluation with the ODE sampler ---------------------------------------------------------
+
+    def eval_samples(self) -> list[Sample]:
+        """`logging.sample_prompts` (+ `sample_control_images`), else the first training prompts."""
+        log = self.cfg.logging
+        if log.sample_prompts:
+            controls = log.sample_control_images or [None] * len(log.sample_prompts)
+            return [Sample(p, None, [Path(c)] if c else []) for p, c in zip(log.sample_prompts, controls)]
+        return self.samples[:EVAL_PROMPTS_FALLBACK]
+
+    @contextlib.contextmanager
+    def _unwrapped_modules(self) -> Iterator[None]:
+        """Eval runs on the main process only: bypass DDP wrappers (their forward may communicate)."""
+        saved = {name: self.family.modules[name] for name in self.family.trained}
+        self.family.modules.update({name: self.family.unwrapped(name) for name in saved})
+        try:
+            yield
+        finally:
+            self.family.modules.update(saved)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """ODE samples of the eval prompts, scored; returns (and logs) `eval/reward/*`."""
+        grpo, size = self.cfg.grpo, self.cfg.data.resolution
+        samples = self.eval_samples()
+        dataset = PromptDataset(samples, size)
+        batch = collate([dataset[i] for i in range(len(dataset))])
+        if self.token_policy:  # tokens sampled at a fixed seed, decoded with eval_steps ODE steps
+            saved_samples, self.samples = self.samples, samples  # batch indices refer to the eval samples
+            try:
+                with self._unwrapped_modules():
+                    images, _ = self.sample_token_images(batch, 1, self.cfg.logging.sample_seed, grpo.eval_steps)
+            finally:
+                self.samples = saved_samples
+            total, per_reward = self.rewards(reward_inputs(batch, images, 1))
+            metrics = {f"eval/{k}": v for k, v in self.rewards.log_stats(total, per_reward).items()}
+            self.trackers.log(metrics, step)
+            self.save_samples(_pil(images), list(batch["prompt"]), step, notes=reward_notes(total, per_reward))
+            return metrics
+        sampler = DiffusionSampler(self.family, grpo.eval_steps, self.sampler_.guidance_scale, noise_level=0.0)
+        saved_samples, self.samples = self.samples, samples  # generation_conditions reads control paths
+        try:
+            with self._unwrapped_modules():
+                condition, uncondition = self.conditions(batch, 1)
+                shape = self.family.latent_shape(size, size)
+                noise = torch.stack([torch.randn(shape, generator=sample_generator(
+                    self.cfg.logging.sample_seed, 0, i, SALT_ROLLOUT)) for i in range(len(samples))])
+                latents = sampler.rollout(noise.to(self.device), condition, uncondition).final
+                images = to_unit_images(self.family, latents)
+        finally:
+            self.samples = saved_samples
+        total, per_reward = self.rewards(reward_inputs(batch, images, 1))
+        metrics = {f"eval/{k}": v for k, v in self.rewards.log_stats(total, per_reward).items()}
+        self.trackers.log(metrics, step)
+        self.save_samples(_pil(images), list(batch["prompt"]), step, notes=reward_notes(total, per_reward))
+        return metrics
+
+    def sample_images(self, step: int) -> None:
+        metrics = self.evaluate(step)
+        logger.info("Step %d: eval reward %.4f (ODE, %d steps)", step, metrics["eval/reward/total_mean"],
+                    self.cfg.grpo.eval_steps)
+        if self.last_rollout is not None:
+            prompts, images, total, per_reward = self.last_rollout
+            self.save_samples(_pil(images), prompts, step, notes=reward_notes(total, per_reward), name="rollout")
+
+    def _sample(self, step: int) -> None:
+        # Unlike the base class, GRPO evaluates even without logging.sample_prompts.
+        if self.is_main:
+            self.sample_images(step)
+        self.accelerator.wait_for_everyone()
+
+
+def _pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    array = (images.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype("uint8")
+    return [Image.fromarray(a) for a in array]

@@ -104,3 +104,60 @@ class DiffusionSampler:
             states.append(x)
             log_probs.append(result.log_prob)
         return Trajectory(states, torch.stack(log_probs, dim=1), [self.stochastic(k) for k in range(self.num_steps)])
+
+
+# -- what the online trainers (GRPO, online DPO) share around the sampler ----------------------
+
+
+def generation_conditions(family: DiffusionFamily, encoder: Any, samples: list, batch: dict[str, Any],
+                          repeats: int, resolution: int, guidance_scale: float
+                          ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Condition (and the empty-prompt uncondition when CFG is on) for every prompt of a
+    PromptDataset batch repeated `repeats` times in a row (one group per prompt)."""
+    prompts = [p for p in batch["prompt"] for _ in range(repeats)]
+    count = len(prompts)
+    generation = {"original_size": torch.tensor([[resolution, resolution]] * count),
+                  "crop_top_left": torch.zeros(count, 2, dtype=torch.long),
+                  "target_size": torch.tensor([[resolution, resolution]] * count)}
+    controls = batch.get("control_pixel_values")
+    control_paths = [samples[i].control_images for i in batch["index"] for _ in range(repeats)]
+    if controls is not None:
+        controls = [group.repeat_interleave(repeats, dim=0) for group in controls]
+        generation["control_latents"] = [
+            encoder.encode_latents(group, [c[k] for c in control_paths], [False] * count, f"control{k}")
+            for k, group in enumerate(controls)]
+    condition = family.condition(encoder.encode_prompts(prompts, control_paths, controls), generation)
+    uncondition = None
+    if guidance_scale != 1.0:
+        uncondition = family.condition(encoder.encode_prompts([""] * count, control_paths, controls), generation)
+    return condition, uncondition
+
+
+def to_unit_images(family: DiffusionFamily, latents: torch.Tensor) -> torch.Tensor:
+    """Decoded images in [0, 1], float32 on the CPU (what rewards take)."""
+    with torch.no_grad():
+        return ((family.decode_latents(latents).float() + 1) / 2).clamp(0, 1).cpu()
+
+
+def reward_inputs(batch: dict[str, Any], images: torch.Tensor, repeats: int) -> Any:
+    """RewardInputs for `images` (prompt-major, `repeats` per prompt) with the batch's target and
+    source images repeated alongside."""
+    from glm_training.rewards import RewardInputs
+
+    def repeat(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.repeat_interleave(repeats, dim=0)
+
+    return RewardInputs(
+        images=images, prompts=[p for p in batch["prompt"] for _ in range(repeats)],
+        target_images=repeat(batch["target_images"]) if "target_images" in batch else None,
+        source_images=(repeat((batch["control_pixel_values"][0] + 1) / 2)
+                       if "control_pixel_values" in batch else None))
+
+
+def reward_notes(total: torch.Tensor, per_reward: dict[str, torch.Tensor]) -> list[str]:
+    """One line per image: `R=<total> name=<score> ...` (written under images in sample grids)."""
+    notes = []
+    for i in range(len(total)):
+        parts = [f"R={float(total[i]):.3f}"] + [f"{name}={float(scores[i]):.3f}" for name, scores in per_reward.items()]
+        notes.append(" ".join(parts))
+    return notes

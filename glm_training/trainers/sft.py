@@ -12,7 +12,7 @@ import torch
 
 from glm_training.algorithms.objectives import per_sample_mse
 from glm_training.config import ConfigError
-from glm_training.data.datasets import ImageDataset, load_samples
+from glm_training.data.datasets import DataError, ImageDataset, load_samples, make_buckets
 from glm_training.models.base import DiffusionFamily
 from glm_training.trainers.base import BaseTrainer
 from glm_training.trainers.conditioning import ConditionEncoder
@@ -33,16 +33,33 @@ def diffusion_sft_loss(family: DiffusionFamily, latents: torch.Tensor, condition
     return errors * family.objective.loss_weights(timesteps).to(errors.device)
 
 
+def load_training_samples(cfg) -> list:
+    """The SFT samples of `data.path`, validated for this config (i2i controls, batching)."""
+    data = cfg.data
+    return load_samples(data.path, data.format, on_error=data.on_error,
+                        require_prompt=data.caption_dropout < 1,
+                        require_controls=cfg.training.mode == "i2i",
+                        same_control_count=cfg.training.batch_size > 1)
+
+
 def build_diffusion_data(cfg, family: DiffusionFamily) -> tuple[ImageDataset, ConditionEncoder]:
     """The validated dataset and the encoder that turns its batches into model inputs."""
     data = cfg.data
     if cfg.cache.enabled and not data.center_crop:
         raise ConfigError("cache.enabled needs data.center_crop: true (random crops change the latents).")
-    samples = load_samples(data.path, data.format, on_error=data.on_error,
-                           require_prompt=data.caption_dropout < 1)
+    samples = load_training_samples(cfg)
     encoder = ConditionEncoder(family, samples, cfg.cache.dir if cfg.cache.enabled else None,
-                               data.resolution, data.caption_dropout, cfg.training.seed, data.random_flip)
-    dataset = ImageDataset(samples, data.resolution, data.center_crop, data.random_flip, seed=cfg.training.seed)
+                               data.resolution, data.caption_dropout, cfg.training.seed, data.random_flip,
+                               control_dropout=data.control_dropout)
+    buckets = None
+    if data.buckets:
+        try:
+            buckets = make_buckets(data.resolution, family.resolution_multiple,
+                                   tuple(data.bucket_aspect_range), data.bucket_step)
+        except DataError as error:
+            raise ConfigError(str(error)) from None
+    dataset = ImageDataset(samples, data.resolution, data.center_crop, data.random_flip, seed=cfg.training.seed,
+                           buckets=buckets)
     return dataset, encoder
 
 
@@ -90,9 +107,21 @@ class SFTTrainer(DiffusionTrainer):
             # Seed of this micro-batch: depends on the data position, not on how we got there.
             seed = self.cfg.training.seed * 1_000_003 + self.epoch * 10_007 + int(batch["index"][0])
             return self.family.sft_loss(batch, seed)
-        latents, condition = self.encoder(batch, self.epoch)
-        noise, timesteps = self.encoder.noise_and_timesteps(
-            latents, batch["index"], self.epoch, self.cfg.training.noise_offset)
-        per_sample = diffusion_sft_loss(self.family, latents, condition, noise, timesteps)
-        loss = per_sample.mean()
-        return loss, {"loss": loss.item()}
+        # Families with a token side too (GLM-Image: AR generator + DiT decoder) name the SFT terms
+        # that apply to the trained components; plain diffusion families only have "denoising".
+        terms = self.family.sft_loss_terms
+        loss, metrics = torch.zeros((), device=self.family.device), {}
+        if "denoising" in terms:
+            latents, condition = self.encoder(batch, self.epoch)
+            noise, timesteps = self.encoder.noise_and_timesteps(
+                latents, batch["index"], self.epoch, self.cfg.training.noise_offset)
+            denoising = diffusion_sft_loss(self.family, latents, condition, noise, timesteps).mean()
+            loss = loss + denoising
+            metrics["denoising_loss"] = denoising.item()
+        if "tokens" in terms:  # next-token CE of the family's token side, same (dropped) prompts
+            token_batch = {**batch, "prompt": self.encoder.prompts_for(batch, self.epoch)}
+            tokens = self.family.token_sft_loss(token_batch).mean()
+            loss = loss + tokens
+            metrics["token_loss"] = tokens.item()
+        metrics["loss"] = loss.item()
+        return loss, metrics

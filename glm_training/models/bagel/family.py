@@ -92,6 +92,10 @@ class BagelFamily(ModelFamily):
 
     # -- the flow side on preference pairs, used by the DPO trainer -------------------------------
 
+    #: What DPO trains here: the family's own per-sample flow errors (`preference_errors`) on its
+    #: own dataset (`build_preference_dataset`), not the diffusion-family latents path.
+    preference_terms = ("errors",)
+
     def build_preference_dataset(self, pairs: list) -> BagelSampleDataset:
         return BagelSampleDataset(pairs)
 
@@ -100,7 +104,6 @@ class BagelFamily(ModelFamily):
         the policy (with grad) and the reference (adapter disabled, no grad). Winner and loser of a
         pair share the prompt dropout, the timestep (same packing draws) and the noise."""
         pairs = batch["sample"]
-        model = self.modules["bagel"]
         packs = [pack_samples([generation_sample(p.prompt, getattr(p, side), p.control_images) for p in pairs],
                               self.tokenizer, self.special, self.model.bagel_config, self.packing(),
                               rng=random.Random(seed))
@@ -114,6 +117,7 @@ class BagelFamily(ModelFamily):
                             generator=torch.Generator().manual_seed(seed))
 
         def errors() -> torch.Tensor:
+            model = self.modules["bagel"]  # looked up here: reference() may swap in a frozen copy
             outs = [model(pack, generator=torch.Generator().manual_seed(seed), noise=noise) for pack in packs]
             return torch.cat([o["image_mse_per_sample"] / o["image_tokens_per_sample"].clamp(min=1) for o in outs])
 
