@@ -31,6 +31,15 @@ gradients (`family.image_token_logprobs_per_token`), zero-std groups masked, plu
 to the reference. First iteration: old log-probs = the recomputed ones, detached (ratio exactly
 1, as TRL); they are kept for the later `num_iterations`. `gen_logprob_abs_diff` logs how far
 the recomputed log-probs are from the sampling ones (numerics only: it should be ~1e-5).
+
+Both (GLM-Image `model.component: both`, `JointRollout`): per member, the AR samples tokens (as
+above), the trained DiT decodes them with the SDE sampler (`sde_rollout`, own noise per member,
+no CFG), the images are scored once by a calculator of every reward either component uses, and
+each component's total (`reward.weights.ar` / `.dit`) gives its own group advantages. The AR's
+part goes through `token_backward`, the DiT's through `flow_backward` (the same code as the
+single-component runs), both into one optimizer step; metrics under `ar/` and `dit/`, `loss` their
+sum. The rollout buffer stores both parts and the DiT's prior tokens (its condition is rebuilt
+from them after a resume).
 """
 
 from __future__ import annotations
@@ -48,18 +57,18 @@ from glm_training.algorithms.grpo import clipped_policy_loss, compute_advantages
 from glm_training.config import ConfigError
 from glm_training.data.datasets import PromptDataset, Sample, ShardedBatchSampler, collate, load_prompts, \
     sample_generator
-from glm_training.models.base import DiffusionFamily
 from glm_training.trainers.base import BaseTrainer
 from glm_training.trainers.conditioning import ConditionEncoder
 from glm_training.trainers.optim import lr_lambda
 from glm_training.trainers.sampler import DiffusionSampler, Trajectory, generation_conditions, reward_inputs, \
-    reward_notes, to_unit_images
+    reward_notes, samples_latents, to_unit_images
 
 logger = logging.getLogger(__name__)
 
 SALT_ROLLOUT, SALT_TIMESTEPS = 5, 6
 SALT_DECODE = 9  # decoder noise of token rollouts
 BUFFER_FILE = "rollout_buffer_rank{rank}.safetensors"
+COMPONENTS = ("ar", "dit")  # GLM-Image component: both, as the metric prefixes name them
 EVAL_PROMPTS_FALLBACK = 4  # eval on the first training prompts when logging.sample_prompts is empty
 
 
@@ -74,6 +83,22 @@ class Rollout:
     metrics: dict[str, float]  # reward statistics of the rollout
     condition: dict[str, Any] | None = None  # rebuilt from the batch after a resume
     uncondition: dict[str, Any] | None = None
+
+    def to_tensors(self, micro: int | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{micro}.states": torch.stack(self.trajectory.states).cpu().contiguous(),
+                   f"{micro}.log_probs": self.trajectory.log_probs.cpu().contiguous(),
+                   f"{micro}.advantages": self.advantages.cpu().contiguous(),
+                   f"{micro}.valid": self.valid.cpu().to(torch.uint8)}
+        meta = {"indices": self.indices, "metrics": self.metrics, "stochastic": self.trajectory.stochastic}
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, handle: Any, micro: str, meta: dict[str, Any], device: torch.device) -> "Rollout":
+        states = handle.get_tensor(f"{micro}.states")
+        trajectory = Trajectory(list(states.to(device).unbind(0)), handle.get_tensor(f"{micro}.log_probs"),
+                                meta["stochastic"])
+        return cls(meta["indices"], trajectory, handle.get_tensor(f"{micro}.advantages").to(device),
+                   handle.get_tensor(f"{micro}.valid").bool().to(device), meta["metrics"])
 
 
 @dataclass
@@ -92,7 +117,7 @@ class TokenRollout:
 
     TENSORS = ("tokens", "gen_logprobs", "advantages", "valid", "old_logprobs")
 
-    def to_tensors(self, micro: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def to_tensors(self, micro: int | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"{micro}.{name}": getattr(self, name).detach().cpu().contiguous()
                    for name in self.TENSORS if getattr(self, name) is not None}
         tensors[f"{micro}.valid"] = self.valid.cpu().to(torch.uint8)
@@ -113,6 +138,34 @@ class TokenRollout:
         controls = [get(f"control{k}") for k in range(meta["controls"])] or None
         return cls(meta["indices"], meta["prompts"], get("tokens"), get("gen_logprobs"), get("advantages"),
                    get("valid").bool(), meta["metrics"], controls, get("old_logprobs"))
+
+
+@dataclass
+class JointRollout:
+    """One micro-batch of joint rollouts (GLM-Image `component: both`): the AR's sampled tokens
+    (token GRPO, advantages from `reward.weights.ar`) and the DiT's SDE decoding of them
+    (Flow-GRPO, advantages from `reward.weights.dit`), scored on the same images."""
+
+    tokens: TokenRollout
+    flow: Rollout
+    prior_token_ids: torch.Tensor  # (B*G, L) the DiT's prior tokens (rebuilds its condition after a resume)
+
+    @property
+    def indices(self) -> list[int]:
+        return self.tokens.indices
+
+    def to_tensors(self, micro: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        token_tensors, token_meta = self.tokens.to_tensors(f"{micro}.ar")
+        flow_tensors, flow_meta = self.flow.to_tensors(f"{micro}.dit")
+        tensors = {**token_tensors, **flow_tensors,
+                   f"{micro}.prior_token_ids": self.prior_token_ids.detach().cpu().contiguous()}
+        return tensors, {"kind": "both", "ar": token_meta, "dit": flow_meta}
+
+    @classmethod
+    def from_tensors(cls, handle: Any, micro: str, meta: dict[str, Any], device: torch.device) -> "JointRollout":
+        return cls(TokenRollout.from_tensors(handle, f"{micro}.ar", meta["ar"], device),
+                   Rollout.from_tensors(handle, f"{micro}.dit", meta["dit"], device),
+                   handle.get_tensor(f"{micro}.prior_token_ids").to(device))
 
 
 class IterationBatchSampler:
@@ -161,19 +214,20 @@ class GRPOTrainer(BaseTrainer):
         return self.cfg.training.batch_size // self.cfg.grpo.num_generations
 
     def build_dataset(self) -> PromptDataset:
-        from glm_training.rewards import build_reward_calculator
+        from glm_training.rewards import build_reward_calculator, resolve_weights
 
         grpo = self.cfg.grpo
-        if not isinstance(self.family, DiffusionFamily):
+        if not samples_latents(self.family):
             raise ConfigError(f"training.method: grpo for {self.cfg.model.family} is not available yet.")
-        # What the trained components are, as the family reports it (GLM-Image: "tokens" for the AR).
-        terms = tuple(self.family.sft_loss_terms)
-        self.token_policy = "tokens" in terms
-        if self.token_policy and terms != ("tokens",):
-            raise ConfigError(
-                f"training.method: grpo: model.component {self.cfg.model.component!r} trains {list(terms)}; token "
-                "GRPO and Flow-GRPO in one run are not available yet. Train model.component: ar and dit in "
-                "two runs (reward.weights.ar / reward.weights.dit pick each one's rewards).")
+        # What the trained components are, as the family reports it (GLM-Image: "tokens" for the AR);
+        # a family that only presents the sampling interface trains its denoiser.
+        terms = tuple(getattr(self.family, "sft_loss_terms", ("denoising",)))
+        self.token_policy = terms == ("tokens",)
+        # Both (GLM-Image `component: both`): token GRPO on the AR and Flow-GRPO on the DiT, one rollout.
+        self.joint = "tokens" in terms and not self.token_policy
+        if self.joint and set(terms) != {"tokens", "denoising"}:
+            raise ConfigError(f"training.method: grpo: model.component {self.cfg.model.component!r} trains "
+                              f"{list(terms)}; GRPO trains a token generator, a diffusion decoder, or both.")
         if grpo.beta > 0:
             self.family.snapshot_reference()  # full fine-tuning: frozen copy before any update
         self.samples = load_prompts(self.cfg.data.path)
@@ -188,9 +242,29 @@ class GRPOTrainer(BaseTrainer):
         self.guidance = grpo.guidance_scale if grpo.train_cfg or grpo.guidance_scale == 1.0 else 1.0
         self.sampler_ = DiffusionSampler(self.family, grpo.sample_steps, self.guidance, grpo.noise_level,
                                          grpo.sde_window)
-        self.rewards = build_reward_calculator(self.cfg.to_dict()["reward"], self.cfg.model.component)
+        if self.joint and self.guidance != 1.0:
+            raise ConfigError("grpo.guidance_scale with grpo.train_cfg: GLM-Image component: both decodes the AR's "
+                              "tokens without classifier-free guidance; set grpo.guidance_scale: 1.0 (or "
+                              "train_cfg: false).")
+        reward_cfg = self.cfg.to_dict()["reward"]
+        self.reward_weights: dict[str, dict[str, float]] = {}
+        if self.joint:
+            # One calculator runs every reward either component uses, once per image; each
+            # component's total is its own weighted sum (`reward.weights.ar` / `reward.weights.dit`).
+            for component in COMPONENTS:
+                table = {n: w for n, w in resolve_weights(reward_cfg, component).items() if w != 0.0}
+                if not table:
+                    raise ConfigError(f"reward.weights.{component}: every reward has weight 0 for the "
+                                      f"{component}; give it at least one reward.")
+                self.reward_weights[component] = table
+            used = [n for n in reward_cfg["rewards"] if any(n in t for t in self.reward_weights.values())]
+            reward_cfg = {**reward_cfg, "weights": {"joint": {n: 1.0 for n in used}}}
+            self.rewards = build_reward_calculator(reward_cfg, "joint")
+            logger.info("Reward weights: ar %s, dit %s", self.reward_weights["ar"], self.reward_weights["dit"])
+        else:
+            self.rewards = build_reward_calculator(reward_cfg, self.cfg.model.component)
         self.buffer: dict[int, Rollout] = {}
-        self.last_rollout: tuple[list[str], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self.last_rollout: tuple[list[str], torch.Tensor, list[str]] | None = None  # prompts, images, notes
         return PromptDataset(self.samples, self.cfg.data.resolution)
 
     def setup(self) -> None:
@@ -215,35 +289,87 @@ class GRPOTrainer(BaseTrainer):
     # -- rollouts ------------------------------------------------------------------------------
 
     def conditions(self, batch: dict[str, Any], repeats: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        if hasattr(self.family, "rollout_conditions"):  # families that build their own sampling conditions
+            return self.family.rollout_conditions(batch, repeats, self.cfg.data.resolution,
+                                                  self.sampler_.guidance_scale)
         return generation_conditions(self.family, self.encoder, self.samples, batch, repeats,
                                      self.cfg.data.resolution, self.sampler_.guidance_scale)
 
-    def make_rollout(self, batch: dict[str, Any]) -> Rollout | TokenRollout:
+    def make_rollout(self, batch: dict[str, Any]) -> Rollout | TokenRollout | JointRollout:
         """Sample G images per prompt with the current policy, score them, normalise advantages."""
         if self.token_policy:
             return self.make_token_rollout(batch)
-        grpo, seed = self.cfg.grpo, self.cfg.training.seed
-        group = grpo.num_generations
-        size = self.cfg.data.resolution
+        if self.joint:
+            return self.make_joint_rollout(batch)
+        group = self.cfg.grpo.num_generations
         condition, uncondition = self.conditions(batch, group)
-        # Rollout randomness per (prompt, member), independent of batching and resume.
-        generators = [sample_generator(seed, self.global_step, index * group + member, SALT_ROLLOUT)
-                      for index in batch["index"] for member in range(group)]
+        trajectory = self.sde_rollout(self.member_generators(batch, SALT_ROLLOUT), condition, uncondition)
+        images = to_unit_images(self.family, trajectory.final)
+        inputs, totals, per_reward = self.score(batch, images, group)
+        advantages, valid, metrics = self.group_advantages(batch, totals, per_reward)
+        self.last_rollout = (inputs.prompts, images, self.notes(totals, per_reward))
+        return Rollout(list(batch["index"]), trajectory, advantages, valid, metrics, condition, uncondition)
+
+    # -- what every rollout kind shares ----------------------------------------------------------
+
+    def member_generators(self, batch: dict[str, Any], salt: int) -> list[torch.Generator]:
+        """Rollout randomness per (prompt, member), independent of batching and resume."""
+        group, seed = self.cfg.grpo.num_generations, self.cfg.training.seed
+        return [sample_generator(seed, self.global_step, int(index) * group + member, salt)
+                for index in batch["index"] for member in range(group)]
+
+    def sde_rollout(self, generators: list[torch.Generator], condition: dict[str, Any],
+                    uncondition: dict[str, Any] | None = None) -> Trajectory:
+        """The policy's SDE trajectory (per-step log-probs) from noise drawn with `generators`."""
+        size = self.cfg.data.resolution
         shape = self.family.latent_shape(size, size)
         noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        trajectory = self.sampler_.rollout(noise, condition, uncondition, generators=generators)
-        images = to_unit_images(self.family, trajectory.final)
+        return self.sampler_.rollout(noise, condition, uncondition, generators=generators)
+
+    def score(self, batch: dict[str, Any], images: torch.Tensor, group: int, tokens: torch.Tensor | None = None
+              ) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(reward inputs, totals, each reward's scores). `totals`: {"": the calculator's total}, or
+        for component: both {"ar": ..., "dit": ...}, each weighted by its `reward.weights` table.
+        With `tokens` (the AR's sampled image tokens), each sample's metadata carries them as
+        `image_tokens` (a list of ints), for token-level rewards."""
         inputs = reward_inputs(batch, images, group)
+        if tokens is not None:
+            inputs.metadata = [{"image_tokens": row.tolist()} for row in tokens.cpu()]
         total, per_reward = self.rewards(inputs)
-        # Group = one prompt of this rank's batch: all G members were sampled here.
-        group_ids = torch.arange(len(batch["index"])).repeat_interleave(group)
-        advantages, valid, adv_stats = compute_advantages(total.float(), group_ids, grpo.scale_rewards,
+        if not self.joint:
+            return inputs, {"": total}, per_reward
+        totals = {component: sum((weight * per_reward[name] for name, weight in table.items()),
+                                 torch.zeros(len(total), dtype=torch.float32))
+                  for component, table in self.reward_weights.items()}
+        return inputs, totals, per_reward
+
+    def reward_stats(self, totals: dict[str, torch.Tensor], per_reward: dict[str, torch.Tensor],
+                     component: str = "") -> dict[str, float]:
+        """`reward/*` statistics of one total (and of the rewards that make it)."""
+        if component:
+            per_reward = {name: per_reward[name] for name in self.reward_weights[component]}
+        return self.rewards.log_stats(totals[component], per_reward)
+
+    def group_advantages(self, batch: dict[str, Any], totals: dict[str, torch.Tensor],
+                         per_reward: dict[str, torch.Tensor], component: str = ""
+                         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Group-normalised advantages of one total, its valid mask and its reward metrics.
+        Group = one prompt of this rank's batch: all G members were sampled here."""
+        grpo = self.cfg.grpo
+        group_ids = torch.arange(len(batch["index"])).repeat_interleave(grpo.num_generations)
+        advantages, valid, adv_stats = compute_advantages(totals[component].float(), group_ids, grpo.scale_rewards,
                                                           grpo.adv_clip_max)
-        metrics = {**self.rewards.log_stats(total, per_reward),
-                   "zero_std_fraction": float(adv_stats["zero_std_fraction"])}
-        self.last_rollout = (inputs.prompts, images, total, per_reward)
-        return Rollout(list(batch["index"]), trajectory, advantages.to(self.device), valid.to(self.device),
-                       metrics, condition, uncondition)
+        metrics = {**self.reward_stats(totals, per_reward, component),
+                   "zero_std_fraction": float(adv_stats["zero_std_fraction"]),
+                   "advantage_abs_mean": float(advantages.abs().mean())}
+        return advantages.to(self.device), valid.to(self.device), metrics
+
+    def notes(self, totals: dict[str, torch.Tensor], per_reward: dict[str, torch.Tensor]) -> list[str]:
+        """Grid captions: `R=<total> name=<score> ...` (component: both: `R_ar=... R_dit=...`)."""
+        if not self.joint:
+            return reward_notes(totals[""], per_reward)
+        lines = reward_notes(totals["ar"], {"R_dit": totals["dit"], **per_reward})
+        return [line.replace("R=", "R_ar=", 1) for line in lines]
 
     def position(self) -> tuple[int, int]:
         """(iteration, micro-batch) of the batch being trained: (0, 0) without num_iterations."""
@@ -264,17 +390,33 @@ class GRPOTrainer(BaseTrainer):
                 f"GRPO num_iterations: no stored rollout for iteration {iteration}, micro-batch {micro} at step "
                 f"{self.global_step}. The checkpoint resumed from lacks {BUFFER_FILE.format(rank='<r>')} "
                 "(its save was interrupted?): resume from an earlier checkpoint.")
-        if not isinstance(rollout, TokenRollout) and rollout.condition is None:  # restored: recomputed
+        if isinstance(rollout, JointRollout):
+            if rollout.flow.condition is None:  # restored: recomputed from the stored tokens
+                rollout.flow.condition = self.decoder_condition(batch, rollout.tokens.prompts,
+                                                                rollout.prior_token_ids, rollout.tokens.controls)
+        elif not isinstance(rollout, TokenRollout) and rollout.condition is None:  # restored: recomputed
             rollout.condition, rollout.uncondition = self.conditions(batch, self.cfg.grpo.num_generations)
         return rollout, iteration
 
     # -- the policy update ---------------------------------------------------------------------
 
     def backward(self, batch: dict[str, Any], scale: float) -> dict[str, float]:
-        grpo, seed = self.cfg.grpo, self.cfg.training.seed
         rollout, iteration = self.rollout_for(batch)
+        if isinstance(rollout, JointRollout):
+            # Both losses into the same gradients: one optimizer step updates the AR and the DiT.
+            parts = {"ar": self.token_backward(rollout.tokens, iteration, scale),
+                     "dit": self.flow_backward(rollout.flow, iteration, scale)}
+            metrics = {f"{name}/{key}": value for name, part in parts.items() for key, value in part.items()
+                       if key != "iteration"}
+            return {**metrics, "loss": parts["ar"]["loss"] + parts["dit"]["loss"], "iteration": float(iteration)}
         if isinstance(rollout, TokenRollout):
             return self.token_backward(rollout, iteration, scale)
+        return self.flow_backward(rollout, iteration, scale)
+
+    def flow_backward(self, rollout: Rollout, iteration: int, scale: float) -> dict[str, float]:
+        """Flow-GRPO / DDPO: the clipped objective on the recorded transitions of a random
+        `timestep_fraction` of the stochastic steps, back-propagated one step at a time."""
+        grpo, seed = self.cfg.grpo, self.cfg.training.seed
         trajectory, condition, uncondition = rollout.trajectory, rollout.condition, rollout.uncondition
         steps = [k for k, stochastic in enumerate(trajectory.stochastic) if stochastic]
         if grpo.timestep_fraction < 1.0:
@@ -316,44 +458,75 @@ class GRPOTrainer(BaseTrainer):
         call; the global RNG is left as it was) and decode them with the frozen decoder (ODE, `steps`
         steps, decoder noise shared within each group). Returns images in [0, 1] and the generation."""
         size, family = self.cfg.data.resolution, self.family
-        prompts = [p for p in batch["prompt"] for _ in range(group)]
-        controls = batch.get("control_pixel_values")
-        if controls is not None:
-            controls = [g.repeat_interleave(group, dim=0).to(self.device) for g in controls]
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # generate_image_tokens seeds the global RNG
-            generation = family.generate_image_tokens(prompts, height=size, width=size, seed=seed,
-                                                      control_pixels=controls, temperature=self.cfg.grpo.temperature)
-        control_paths = [self.samples[i].control_images for i in batch["index"] for _ in range(group)]
-        embeds = self.encoder.encode_prompts(prompts, control_paths, controls)
-        condition = family.condition_from_prior_tokens(embeds, generation["prior_token_ids"], size, size, controls)
+        prompts, generation = self.generate_tokens(batch, group, seed)
+        condition = self.decoder_condition(batch, prompts, generation["prior_token_ids"], generation["controls"])
         shape = family.latent_shape(size, size)
         noise = torch.stack([torch.randn(shape, generator=sample_generator(self.cfg.training.seed, seed, int(index),
                                                                            SALT_DECODE))
                              for index in batch["index"]]).repeat_interleave(group, dim=0)
         decoder = DiffusionSampler(family, steps, 1.0, noise_level=0.0)
         images = to_unit_images(family, decoder.rollout(noise.to(self.device), condition).final)
-        generation["controls"] = controls
         return images, generation
+
+    def generate_tokens(self, batch: dict[str, Any], group: int, seed: int) -> tuple[list[str], dict[str, Any]]:
+        """`group` token sequences per prompt with the current AR (one seeded call; the global RNG is
+        left as it was): prompts repeated, and the generation (tokens, logprobs, prior_token_ids,
+        controls: the control pixels repeated per member, or None)."""
+        size = self.cfg.data.resolution
+        prompts = [p for p in batch["prompt"] for _ in range(group)]
+        controls = batch.get("control_pixel_values")
+        if controls is not None:
+            controls = [g.repeat_interleave(group, dim=0).to(self.device) for g in controls]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # generate_image_tokens seeds the global RNG
+            generation = self.family.generate_image_tokens(prompts, height=size, width=size, seed=seed,
+                                                           control_pixels=controls,
+                                                           temperature=self.cfg.grpo.temperature)
+        generation["controls"] = controls
+        return prompts, generation
+
+    def decoder_condition(self, batch: dict[str, Any], prompts: list[str], prior_token_ids: torch.Tensor,
+                          controls: list[torch.Tensor] | None) -> dict[str, Any]:
+        """The DiT condition for decoding generated tokens (`prompts`: the batch's, each repeated G times)."""
+        size, group = self.cfg.data.resolution, len(prompts) // len(batch["index"])
+        control_paths = [self.samples[i].control_images for i in batch["index"] for _ in range(group)]
+        embeds = self.encoder.encode_prompts(prompts, control_paths, controls)
+        return self.family.condition_from_prior_tokens(embeds, prior_token_ids, size, size, controls)
+
+    def token_rollout_seed(self, batch: dict[str, Any]) -> int:
+        """One token-sampling seed per (step, micro-batch): from its first prompt's index."""
+        draw = sample_generator(self.cfg.training.seed, self.global_step, int(batch["index"][0]), SALT_ROLLOUT)
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=draw))
 
     @torch.no_grad()
     def make_token_rollout(self, batch: dict[str, Any]) -> TokenRollout:
-        grpo, seed = self.cfg.grpo, self.cfg.training.seed
+        grpo = self.cfg.grpo
         group = grpo.num_generations
-        # One seed per (step, micro-batch): its first prompt's index.
-        draw = sample_generator(seed, self.global_step, int(batch["index"][0]), SALT_ROLLOUT)
-        rollout_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=draw))
-        images, generation = self.sample_token_images(batch, group, rollout_seed, grpo.sample_steps)
-        inputs = reward_inputs(batch, images, group)
-        total, per_reward = self.rewards(inputs)
-        group_ids = torch.arange(len(batch["index"])).repeat_interleave(group)
-        advantages, valid, adv_stats = compute_advantages(total.float(), group_ids, grpo.scale_rewards,
-                                                          grpo.adv_clip_max)
-        metrics = {**self.rewards.log_stats(total, per_reward),
-                   "zero_std_fraction": float(adv_stats["zero_std_fraction"])}
-        self.last_rollout = (inputs.prompts, images, total, per_reward)
+        images, generation = self.sample_token_images(batch, group, self.token_rollout_seed(batch), grpo.sample_steps)
+        inputs, totals, per_reward = self.score(batch, images, group, generation["tokens"])
+        advantages, valid, metrics = self.group_advantages(batch, totals, per_reward)
+        self.last_rollout = (inputs.prompts, images, self.notes(totals, per_reward))
         return TokenRollout(list(batch["index"]), inputs.prompts, generation["tokens"], generation["logprobs"].float(),
-                            advantages.to(self.device), valid.to(self.device), metrics, generation["controls"])
+                            advantages, valid, metrics, generation["controls"])
+
+    @torch.no_grad()
+    def make_joint_rollout(self, batch: dict[str, Any]) -> JointRollout:
+        """component: both: the AR samples each member's tokens (per-token log-probs), the DiT decodes
+        them with the SDE (per-step log-probs, own noise per member), the images are scored once and
+        each component gets advantages from its own total (`reward.weights.ar` / `.dit`)."""
+        group = self.cfg.grpo.num_generations
+        indices = list(batch["index"])
+        prompts, generation = self.generate_tokens(batch, group, self.token_rollout_seed(batch))
+        condition = self.decoder_condition(batch, prompts, generation["prior_token_ids"], generation["controls"])
+        trajectory = self.sde_rollout(self.member_generators(batch, SALT_DECODE), condition)
+        images = to_unit_images(self.family, trajectory.final)
+        inputs, totals, per_reward = self.score(batch, images, group, generation["tokens"])
+        parts = {component: self.group_advantages(batch, totals, per_reward, component) for component in COMPONENTS}
+        self.last_rollout = (inputs.prompts, images, self.notes(totals, per_reward))
+        tokens = TokenRollout(indices, inputs.prompts, generation["tokens"], generation["logprobs"].float(),
+                              *parts["ar"], generation["controls"])
+        flow = Rollout(indices, trajectory, *parts["dit"], condition, None)
+        return JointRollout(tokens, flow, generation["prior_token_ids"])
 
     def token_backward(self, rollout: TokenRollout, iteration: int, scale: float) -> dict[str, float]:
         grpo, size = self.cfg.grpo, self.cfg.data.resolution
@@ -394,16 +567,8 @@ class GRPOTrainer(BaseTrainer):
             folder = self.run_dir / f"checkpoint-{self.global_step}"
             tensors, meta = {}, {}
             for micro, rollout in self.buffer.items():
-                if isinstance(rollout, TokenRollout):
-                    token_tensors, meta[str(micro)] = rollout.to_tensors(micro)
-                    tensors.update(token_tensors)
-                    continue
-                tensors[f"{micro}.states"] = torch.stack(rollout.trajectory.states).cpu().contiguous()
-                tensors[f"{micro}.log_probs"] = rollout.trajectory.log_probs.cpu().contiguous()
-                tensors[f"{micro}.advantages"] = rollout.advantages.cpu().contiguous()
-                tensors[f"{micro}.valid"] = rollout.valid.cpu().to(torch.uint8)
-                meta[str(micro)] = {"indices": rollout.indices, "metrics": rollout.metrics,
-                                    "stochastic": rollout.trajectory.stochastic}
+                part_tensors, meta[str(micro)] = rollout.to_tensors(micro)
+                tensors.update(part_tensors)
             tmp = folder / (BUFFER_FILE.format(rank=self.accelerator.process_index) + ".tmp")
             save_file(tensors, str(tmp), metadata={"rollouts": json.dumps(meta)})
             tmp.rename(tmp.with_suffix(""))
@@ -419,16 +584,10 @@ class GRPOTrainer(BaseTrainer):
 
         with safe_open(str(file), framework="pt") as handle:
             meta = json.loads(handle.metadata()["rollouts"])
+            kinds = {"tokens": TokenRollout, "both": JointRollout}
             for micro, info in meta.items():
-                if info.get("kind") == "tokens":
-                    self.buffer[int(micro)] = TokenRollout.from_tensors(handle, micro, info, self.device)
-                    continue
-                states = handle.get_tensor(f"{micro}.states")
-                trajectory = Trajectory(list(states.to(self.device).unbind(0)),
-                                        handle.get_tensor(f"{micro}.log_probs"), info["stochastic"])
-                self.buffer[int(micro)] = Rollout(
-                    info["indices"], trajectory, handle.get_tensor(f"{micro}.advantages").to(self.device),
-                    handle.get_tensor(f"{micro}.valid").bool().to(self.device), info["metrics"])
+                kind = kinds.get(info.get("kind"), Rollout)
+                self.buffer[int(micro)] = kind.from_tensors(handle, micro, info, self.device)
 
     # -- evaluation with the ODE sampler ---------------------------------------------------------
 
@@ -457,18 +616,15 @@ class GRPOTrainer(BaseTrainer):
         samples = self.eval_samples()
         dataset = PromptDataset(samples, size)
         batch = collate([dataset[i] for i in range(len(dataset))])
-        if self.token_policy:  # tokens sampled at a fixed seed, decoded with eval_steps ODE steps
+        if self.token_policy or self.joint:  # tokens sampled at a fixed seed, decoded with eval_steps ODE steps
             saved_samples, self.samples = self.samples, samples  # batch indices refer to the eval samples
             try:
                 with self._unwrapped_modules():
-                    images, _ = self.sample_token_images(batch, 1, self.cfg.logging.sample_seed, grpo.eval_steps)
+                    images, generation = self.sample_token_images(batch, 1, self.cfg.logging.sample_seed,
+                                                                  grpo.eval_steps)
             finally:
                 self.samples = saved_samples
-            total, per_reward = self.rewards(reward_inputs(batch, images, 1))
-            metrics = {f"eval/{k}": v for k, v in self.rewards.log_stats(total, per_reward).items()}
-            self.trackers.log(metrics, step)
-            self.save_samples(_pil(images), list(batch["prompt"]), step, notes=reward_notes(total, per_reward))
-            return metrics
+            return self.log_eval(batch, images, step, generation["tokens"])
         sampler = DiffusionSampler(self.family, grpo.eval_steps, self.sampler_.guidance_scale, noise_level=0.0)
         saved_samples, self.samples = self.samples, samples  # generation_conditions reads control paths
         try:
@@ -481,19 +637,30 @@ class GRPOTrainer(BaseTrainer):
                 images = to_unit_images(self.family, latents)
         finally:
             self.samples = saved_samples
-        total, per_reward = self.rewards(reward_inputs(batch, images, 1))
-        metrics = {f"eval/{k}": v for k, v in self.rewards.log_stats(total, per_reward).items()}
+        return self.log_eval(batch, images, step)
+
+    def log_eval(self, batch: dict[str, Any], images: torch.Tensor, step: int,
+                 tokens: torch.Tensor | None = None) -> dict[str, float]:
+        """Score the eval images, log `eval/reward/*` (component: both: `eval/ar/reward/*`,
+        `eval/dit/reward/*`), save the grid."""
+        _, totals, per_reward = self.score(batch, images, 1, tokens)
+        if self.joint:
+            metrics = {f"eval/{component}/{k}": v for component in COMPONENTS
+                       for k, v in self.reward_stats(totals, per_reward, component).items()}
+        else:
+            metrics = {f"eval/{k}": v for k, v in self.reward_stats(totals, per_reward).items()}
         self.trackers.log(metrics, step)
-        self.save_samples(_pil(images), list(batch["prompt"]), step, notes=reward_notes(total, per_reward))
+        self.save_samples(_pil(images), list(batch["prompt"]), step, notes=self.notes(totals, per_reward))
         return metrics
 
     def sample_images(self, step: int) -> None:
         metrics = self.evaluate(step)
-        logger.info("Step %d: eval reward %.4f (ODE, %d steps)", step, metrics["eval/reward/total_mean"],
-                    self.cfg.grpo.eval_steps)
+        reward = ", ".join(f"{k[len('eval/'):-len('/reward/total_mean')] or 'total'} {v:.4f}"
+                           for k, v in metrics.items() if k.endswith("reward/total_mean"))
+        logger.info("Step %d: eval reward %s (ODE, %d steps)", step, reward, self.cfg.grpo.eval_steps)
         if self.last_rollout is not None:
-            prompts, images, total, per_reward = self.last_rollout
-            self.save_samples(_pil(images), prompts, step, notes=reward_notes(total, per_reward), name="rollout")
+            prompts, images, notes = self.last_rollout
+            self.save_samples(_pil(images), prompts, step, notes=notes, name="rollout")
 
     def _sample(self, step: int) -> None:
         # Unlike the base class, GRPO evaluates even without logging.sample_prompts.

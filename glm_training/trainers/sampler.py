@@ -106,6 +106,16 @@ class DiffusionSampler:
         return Trajectory(states, torch.stack(log_probs, dim=1), [self.stochastic(k) for k in range(self.num_steps)])
 
 
+#: What `DiffusionSampler`, `to_unit_images` and the flow GRPO path call on a family.
+LATENT_SAMPLING = ("objective", "latent_shape", "predict", "decode_latents")
+
+
+def samples_latents(family: Any) -> bool:
+    """Whether `family` offers the diffusion-side sampling interface: every DiffusionFamily, and
+    families that present it without being one (e.g. a unified model's generation side)."""
+    return isinstance(family, DiffusionFamily) or all(hasattr(family, name) for name in LATENT_SAMPLING)
+
+
 # -- what the online trainers (GRPO, online DPO) share around the sampler ----------------------
 
 

@@ -3,6 +3,7 @@ sequences, LoRA on the selected experts (und / gen / both) or full fine-tuning o
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,16 @@ class BagelFamily(ModelFamily):
     default_lora_targets: dict[str, list[str]] = {}
 
     def load(self) -> None:
+        if self.cfg.training.method == "grpo" and self.component_group != "gen":
+            raise ConfigError(
+                f"training.method: grpo with model.family: bagel trains the generation expert only; set "
+                f"model.component: gen (got {self.component_group!r}). The rollout contexts (prompt and source "
+                "image) are prefilled once without gradients, which is exact only when the understanding "
+                "expert is not trained.")
         self.model = load_bagel(self.model_path, dtype=self.weight_dtype, device=self.device)
         self.tokenizer, self.special = load_bagel_tokenizer(self.model_path)
         self.modules = {"bagel": self.model}
+        self.objective = flow_sampling_objective()
 
     def lora_targets(self, component: str) -> Any:
         return self.cfg.lora.target_modules or lora_target_modules(self.component_group)
@@ -138,6 +146,104 @@ class BagelFamily(ModelFamily):
                                  cfg_text_scale=guidance_scale, seed=seed + index)
                 for index, (prompt, source) in enumerate(zip(prompts, sources))]
 
+    # -- the diffusion-side interface of the shared sampler, used by the GRPO trainer -------------
+    #
+    # Latents are BAGEL's latent tokens, (N, patch_latent_dim) per image, at time t = sigma in
+    # [1 -> 0] with x_t = (1 - t) clean + t noise and velocity v = noise - clean: the convention of
+    # the flow families, so `trainers.sampler.DiffusionSampler` (Euler ODE / Flow-GRPO SDE) runs on
+    # it unchanged. `objective` carries the official sampling shift, so its schedule with S steps is
+    # `BagelSampler.timesteps(S + 1, SAMPLING_TIMESTEP_SHIFT)`. A condition holds one prefilled
+    # context set per prompt (the three guidance contexts) and the guidance settings; `predict`
+    # returns BAGEL's own guided velocity (text CFG inside its interval, image CFG and renorm for
+    # edits), so the trainer's sampler runs with guidance 1 and no uncondition.
+
+    _in_reference = False
+
+    @contextlib.contextmanager
+    def reference(self):
+        """As the base class; `predict` also knows it runs the reference (edit contexts are rebuilt)."""
+        saved, self._in_reference = self._in_reference, True
+        try:
+            with super().reference():
+                yield
+        finally:
+            self._in_reference = saved
+
+    def generation_sampler(self):
+        """A BagelSampler on the current network (looked up per call: `reference()` may swap it),
+        with the training image sizes."""
+        from glm_training.models.bagel.generate import BagelSampler
+
+        model = self.modules["bagel"]
+        while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module  # DDP / accelerate wrappers
+        return BagelSampler(model, self.tokenizer, self.special, packing=self.packing())
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int]:
+        config = self.model.bagel_config
+        down = config.latent_downsample
+        if height % down or width % down:
+            raise ConfigError(f"data.resolution: BAGEL image sides must be multiples of {down}; got {height}x{width}.")
+        return ((height // down) * (width // down), config.patch_latent_dim)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) square latent-token grids -> images (B, 3, H, W) in [-1, 1] (as `BagelSampler.decode`)."""
+        model = self.generation_sampler().model
+        side = int(round(latents.shape[1] ** 0.5))
+        if side * side != latents.shape[1]:
+            raise ValueError(f"decode_latents: {latents.shape[1]} latent tokens are not a square grid.")
+        images = [model.vae.decode(model.unpatchify_latent(tokens, side, side)[None])[0] for tokens in latents]
+        return torch.stack(images).float().clamp(-1, 1)
+
+    def rollout_conditions(self, batch: dict[str, Any], repeats: int, resolution: int, guidance_scale: float
+                           ) -> tuple[dict[str, Any], None]:
+        """Sampling conditions for every prompt of a PromptDataset batch, repeated `repeats` times
+        (prompt-major): text-to-image, or an edit of the prompt's source image. The contexts are
+        prefilled once per prompt without gradients; `guidance_scale` is BAGEL's cfg_text_scale,
+        the other guidance settings the official ones of the task. No uncondition: the guidance is
+        inside `predict`."""
+        from glm_training.models.bagel.generate import official_guidance
+
+        controls = batch.get("control_pixel_values")
+        if controls is not None and len(controls) > 1:
+            raise ConfigError(f"BAGEL edits one source image per prompt; the data gives {len(controls)}.")
+        sources = [controls[0][i] for i in range(len(batch["prompt"]))] if controls is not None else \
+            [None] * len(batch["prompt"])
+        inputs = list(zip(batch["prompt"], sources))
+        # The source's VAE posterior sample is seeded per prompt: every rebuild of its context is the same.
+        seeds = [self.cfg.training.seed * 1_000_003 + int(index) for index in batch["index"]]
+        condition = {"inputs": inputs, "seeds": seeds, "members": [i for i in range(len(inputs)) for _ in range(repeats)],
+                     "size": (resolution, resolution), "cfg_text_scale": float(guidance_scale),
+                     **official_guidance(controls is not None)}
+        with torch.no_grad():
+            condition["contexts"] = self._prefill(condition)
+        return condition, None
+
+    def _prefill(self, condition: dict[str, Any]) -> list:
+        sampler, (height, width) = self.generation_sampler(), condition["size"]
+        device = sampler.model.device
+        return [sampler.prepare(prompt, None if source is None else source.to(device), height=height, width=width,
+                                generator=torch.Generator(device=device).manual_seed(seed))
+                for (prompt, source), seed in zip(condition["inputs"], condition["seeds"])]
+
+    def _contexts(self, condition: dict[str, Any]) -> list:
+        """The prefilled contexts, or, for edits under gradients or in the reference, fresh ones:
+        the source image's clean latents go through the generation expert, so its context depends
+        on the trained weights (text contexts use the understanding expert only and are reused)."""
+        edits = any(source is not None for _, source in condition["inputs"])
+        if edits and (torch.is_grad_enabled() or self._in_reference):
+            return self._prefill(condition)
+        return condition["contexts"]
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, condition: dict[str, Any]
+                ) -> torch.Tensor:
+        """BAGEL's guided velocity for each member (its prompt's contexts), (B, N, D) float32."""
+        sampler, contexts = self.generation_sampler(), self._contexts(condition)
+        guidance = {key: condition[key] for key in ("cfg_text_scale", "cfg_img_scale", "cfg_interval",
+                                                    "cfg_renorm_min", "cfg_renorm_type")}
+        return torch.stack([sampler.interval_velocity(contexts[member], x, float(t), **guidance)
+                            for member, x, t in zip(condition["members"], noisy_latents, timesteps)])
+
     # -- saving ------------------------------------------------------------------------------------
 
     def save_adapter(self, out_dir: Path) -> list[Path]:
@@ -157,3 +263,11 @@ def generation_sample(prompt: str, image: Any, control_images: list | None = Non
     for control in control_images or []:
         items += [VaeImageItem(control, loss=False, cfg=True), VitImageItem(control, cfg=True)]
     return BagelSample([*items, TextItem(prompt, loss=False, cfg=True), VaeImageItem(image, loss=True)])
+
+
+def flow_sampling_objective():
+    """Flow matching with BAGEL's official sampling shift (what the shared sampler's schedule uses)."""
+    from glm_training.algorithms.objectives import FlowMatchingObjective, FlowShift
+    from glm_training.models.bagel.generate import SAMPLING_TIMESTEP_SHIFT
+
+    return FlowMatchingObjective(FlowShift(shift=SAMPLING_TIMESTEP_SHIFT))

@@ -51,6 +51,16 @@ from glm_training.models.bagel.packing import (
 )
 
 RENORM_TYPES = ("global", "channel", "text_channel")
+#: The official sampling shift (inference.ipynb / app.py), `BagelSampler.generate`'s default. The
+#: config's `timestep_shift` is the training-time shift (1.0 in the released config).
+SAMPLING_TIMESTEP_SHIFT = 3.0
+
+
+def official_guidance(editing: bool) -> dict:
+    """The official notebook's guidance settings besides cfg_text_scale, per task (what `generate`
+    defaults to): image guidance, the interval of t where guidance applies, renormalisation."""
+    return {"cfg_img_scale": 2.0 if editing else 1.0, "cfg_interval": (0.0, 1.0) if editing else (0.4, 1.0),
+            "cfg_renorm_type": "text_channel" if editing else "global", "cfg_renorm_min": 0.0}
 
 
 def inference_packing(model: BagelModel) -> PackingConfig:
@@ -181,6 +191,15 @@ class BagelSampler:
         else:
             scale = v.norm(dim=-1, keepdim=True) / (guided.norm(dim=-1, keepdim=True) + 1e-8)
         return guided * scale.clamp(min=cfg_renorm_min, max=1.0)
+
+    def interval_velocity(self, cond: GenerationCondition, x_t: torch.Tensor, t: float, *, cfg_text_scale: float,
+                          cfg_img_scale: float, cfg_interval: tuple[float, float], cfg_renorm_min: float = 0.0,
+                          cfg_renorm_type: str = "global") -> torch.Tensor:
+        """The velocity `generate` steps with at time t: guided inside `cfg_interval`, plain outside."""
+        guided = cfg_interval[0] < t <= cfg_interval[1]
+        return self.velocity(cond, x_t, t, cfg_text_scale=cfg_text_scale if guided else 1.0,
+                             cfg_img_scale=cfg_img_scale if guided else 1.0, cfg_renorm_min=cfg_renorm_min,
+                             cfg_renorm_type=cfg_renorm_type)
 
     # -- sampling ------------------------------------------------------------------------------
 
