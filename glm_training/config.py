@@ -199,6 +199,8 @@ class DistributedConfig:
 @dataclass
 class DPOConfig:
     beta: Optional[float] = _field(None, min=0, doc="Default per family (5000 SDXL, 1000 flow, 0.1 tokens).")
+    token_beta: Optional[float] = _field(None, min=0, doc="beta of token DPO next to a denoising term (GLM-Image "
+                                         "component both: dpo.beta is the DiT's); default 0.1.")
     loss_type: str = _field("sigmoid", choices=("sigmoid", "hinge", "ipo"))
     label_smoothing: float = _field(0.0, min=0, max=0.5)
     sft_weight: float = _field(0.0, min=0, doc="Weight of an SFT term on the preferred sample.")
@@ -216,6 +218,9 @@ class GRPOConfig:
                                          "fine-tuning: a frozen copy).")
     epsilon: float = _field(1e-4, min=0, doc="Clip range of the policy ratio.")
     epsilon_high: Optional[float] = _field(None, min=0)
+    flow_epsilon: Optional[float] = _field(None, min=0, doc="Clip range of the diffusion (Flow-GRPO / DDPO) ratio "
+                                           "when it differs from the token one (GLM-Image component both: epsilon "
+                                           "~0.2 for the AR, ~1e-4 for the DiT); default: epsilon / epsilon_high.")
     scale_rewards: str = _field("group", choices=("group", "batch", "none"))
     num_iterations: int = _field(1, min=1, doc="Optimizer steps per rollout batch (TRL's inner epochs); the "
                                                "old log-probs stay the rollout's, so the clip acts after the first.")

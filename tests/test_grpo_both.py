@@ -147,3 +147,12 @@ def test_both_trains_resumes_and_saves_both_adapters(tmp_path, prompts):
     for key in ("loss", "ar/loss", "dit/loss", "ar/ratio_mean", "dit/ratio_mean", "ar/kl", "dit/kl",
                 "ar/reward/total_mean", "dit/reward/total_mean"):
         assert again[key] == pytest.approx(unbroken[key], rel=1e-5, abs=1e-7), key
+
+
+def test_flow_epsilon_clips_the_dit_ratio_only(tmp_path, prompts):
+    """grpo.flow_epsilon is the DiT's clip range; the AR keeps grpo.epsilon."""
+    raw = both_raw(tmp_path, prompts, grpo={"num_iterations": 2, "flow_epsilon": 1e-6})
+    run = GRPOTrainer(config_from_dict(raw)).train()
+    second = [row for row in read_rows(run) if "dit/clip_fraction" in row][1]
+    assert second["dit/clip_fraction"] > 0  # ratios moved after one update: clipped at 1e-6
+    assert second["ar/clip_fraction"] < second["dit/clip_fraction"]  # epsilon 0.2 for the tokens

@@ -91,11 +91,11 @@ def test_token_dpo_raises_held_out_accuracy(tmp_path, pairs):
 
 def test_both_sums_token_dpo_and_diffusion_dpo(tmp_path, pairs):
     train, held_out = pairs
-    raw = glm_raw(tmp_path, train, component="both", dpo={"beta": 500.0, "sft_weight": 0.1})
+    raw = glm_raw(tmp_path, train, component="both", dpo={"beta": 500.0, "token_beta": 0.25, "sft_weight": 0.1})
     trainer = DPOTrainer(config_from_dict(raw))
     trainer.setup()
     assert trainer.terms == ("denoising", "tokens")
-    assert trainer.beta == 500.0 and trainer.token_beta == pytest.approx(0.1)
+    assert trainer.beta == 500.0 and trainer.token_beta == 0.25  # dpo.beta: the DiT's; token_beta: the AR's
     from glm_training.data.datasets import collate
 
     batch = collate([trainer.dataset[i] for i in range(2)])

@@ -158,8 +158,8 @@ class DPOTrainer(DiffusionTrainer):
         self.beta = dpo.beta or self.family.default_dpo_beta
         # Token log-prob margins are on another scale than denoising errors: dpo.beta sets the token
         # beta only when tokens are the sole term; next to a denoising term (GLM-Image `both`) it is the
-        # DiT's and the tokens keep the family's token default.
-        token_default = getattr(self.family, "default_token_dpo_beta", TOKEN_DPO_BETA)
+        # DiT's and the tokens take dpo.token_beta (default: the family's token default).
+        token_default = dpo.token_beta or getattr(self.family, "default_token_dpo_beta", TOKEN_DPO_BETA)
         self.token_beta = dpo.beta if dpo.beta and self.terms == ("tokens",) else token_default
         if dpo.online and self.terms != ("denoising",):
             raise ConfigError(f"dpo.online: online pairs sample with the diffusion sampler; they are not available "

@@ -426,13 +426,13 @@ class GRPOTrainer(BaseTrainer):
             raise ConfigError("No stochastic sampling step to train: raise grpo.noise_level or widen grpo.sde_window.")
         sums: dict[str, float] = {}
         ratio_min, ratio_max = float("inf"), float("-inf")
+        epsilons = (grpo.epsilon, grpo.epsilon_high) if grpo.flow_epsilon is None else (grpo.flow_epsilon, None)
         schedule = self.sampler_.schedule(trajectory.states[0])
         for k in steps:
             state, target = trajectory.states[k].to(self.device), trajectory.states[k + 1].to(self.device)
             step = self.sampler_.step(k, state, condition, uncondition, prev_sample=target, schedule=schedule)
             loss, stats = clipped_policy_loss(step.log_prob, trajectory.log_probs[:, k].to(self.device),
-                                              rollout.advantages, grpo.epsilon, grpo.epsilon_high,
-                                              mask=rollout.valid)
+                                              rollout.advantages, *epsilons, mask=rollout.valid)
             if grpo.beta > 0:
                 with torch.no_grad(), self.family.reference():
                     reference = self.sampler_.step(k, state, condition, uncondition, prev_sample=target,
