@@ -29,3 +29,12 @@ def test_jsonl_prompts_take_control_images_like_sft_manifests(tmp_path):
     samples = load_prompts(tmp_path / "p.jsonl")
     assert [[c.name for c in s.control_images] for s in samples] == [["s.png"], ["c1.png", "c2.png"], ["c1.png"]]
     assert [s.image.name if s.image else None for s in samples] == [None, "t.png", None]
+
+
+def test_missing_paths_say_so(tmp_path):
+    from glm_training.data.datasets import load_preference_pairs
+
+    with pytest.raises(DataError, match="prompts.txt: does not exist"):
+        load_prompts(tmp_path / "prompts.txt")
+    with pytest.raises(DataError, match="pairs.jsonl: does not exist"):
+        load_preference_pairs(tmp_path / "pairs.jsonl")

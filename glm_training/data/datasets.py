@@ -632,6 +632,9 @@ def load_preference_pairs(path: str | Path, on_error: str = "raise") -> list[Pre
     paths relative to the file), a folder with `prompts.txt` + `chosen/` + `rejected/`, or a
     Pick-a-Pic v2 parquet file / folder of them."""
     root = Path(path)
+    if not root.exists():
+        raise DataError(f"data.path {root}: does not exist (preference pairs: a pairs.jsonl, a folder with "
+                        "prompts.txt + chosen/ + rejected/, or Pick-a-Pic parquet files).")
     problems: list[str] = []
     pairs: list[PreferencePair] = []
     parquet = [root] if root.suffix == ".parquet" else sorted(root.glob("*.parquet")) if root.is_dir() else []
@@ -709,6 +712,8 @@ def load_prompts(path: str | Path) -> list[Sample]:
     so SFT manifests work too), or a folder with `prompts.txt` and optional
     `target_images/` and `source_images/` (paired in order). `Sample.image` is the target or None."""
     root = Path(path)
+    if not root.exists():
+        raise DataError(f"data.path {root}: does not exist (prompts: a .txt, a .jsonl, or a folder with prompts.txt).")
     problems: list[str] = []
     samples: list[Sample] = []
     if root.suffix == ".txt" and root.is_file():
