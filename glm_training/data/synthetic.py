@@ -53,7 +53,7 @@ def make_colour_preference_pairs(out_dir: str | Path, count: int = 16, size: int
     rng = random.Random(seed)
     rows = []
     for index in range(count):
-        shape, colour = rng.choice(SHAPES), rng.choice(["white", "black"])
+        shape, _ = rng.choice(SHAPES), rng.choice(["white", "black"])  # the second draw keeps old datasets identical
         state = rng.getstate()
         for background in (chosen, rejected):
             rng.setstate(state)  # same size and position in both images

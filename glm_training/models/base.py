@@ -87,6 +87,12 @@ class ModelFamily(ABC):
     def load(self) -> None:
         """Load weights from `self.model_path` into `self.modules` (frozen parts in eval mode)."""
 
+    def from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype | None = None) -> Any:
+        """`cls.from_pretrained` of one subfolder of the checkpoint, with `model.revision` / `variant`."""
+        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        return cls.from_pretrained(self.model_path, subfolder=subfolder, revision=self.cfg.model.revision,
+                                   variant=self.cfg.model.variant, **kwargs)
+
     def components(self) -> dict[str, nn.Module]:
         """The trainable parts by name."""
         return {name: self.modules[name] for name in self.trained}
@@ -258,6 +264,14 @@ class DiffusionFamily(ModelFamily):
     sft_loss_terms: tuple[str, ...] = ("denoising",)
 
     objective: Any  # EpsilonObjective or FlowMatchingObjective, set by load()
+
+    def load_autoencoder(self, cls: Any) -> Any:
+        """The VAE on the device, in float32 unless its config says half precision is safe
+        (`force_upcast: false`): the SDXL / FLUX VAEs overflow in fp16."""
+        vae = self.from_pretrained(cls, "vae", torch.float32)
+        if not vae.config.get("force_upcast", True):
+            vae.to(self.weight_dtype)
+        return vae.to(self.device)
 
     def flow_matching_objective(self, scheduler_config: dict, patch_size: int = 2):
         """Flow matching with the scheduler's shift (static, or resolution-dependent as the

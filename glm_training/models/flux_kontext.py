@@ -56,18 +56,11 @@ class FluxKontextFamily(DiffusionFamily):
 
     # -- loading --------------------------------------------------------------------------------
 
-    def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
-        return cls.from_pretrained(self.model_path, subfolder=subfolder, torch_dtype=dtype,
-                                   revision=self.cfg.model.revision, variant=self.cfg.model.variant)
-
     def load(self) -> None:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 
-        transformer = self._from_pretrained(FluxTransformer2DModel, "transformer", self.weight_dtype).to(self.device)
-        vae = self._from_pretrained(AutoencoderKL, "vae", torch.float32)
-        if not vae.config.get("force_upcast", True):
-            vae.to(self.weight_dtype)
-        vae.to(self.device)
+        transformer = self.from_pretrained(FluxTransformer2DModel, "transformer", self.weight_dtype).to(self.device)
+        vae = self.load_autoencoder(AutoencoderKL)
         self.modules = {"transformer": transformer, "vae": vae}
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.pipeline_class = FluxKontextPipeline
@@ -82,7 +75,7 @@ class FluxKontextFamily(DiffusionFamily):
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel)):
-            module = self._from_pretrained(cls, name, self.weight_dtype).to(self.device).eval()
+            module = self.from_pretrained(cls, name, self.weight_dtype).to(self.device).eval()
             module.requires_grad_(False)
             self.modules[name] = module
         revision = self.cfg.model.revision

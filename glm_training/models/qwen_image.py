@@ -79,19 +79,14 @@ class QwenImageFamily(DiffusionFamily):
 
     # -- loading --------------------------------------------------------------------------------
 
-    def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype | None = None) -> Any:
-        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-        return cls.from_pretrained(self.model_path, subfolder=subfolder, revision=self.cfg.model.revision,
-                                   variant=self.cfg.model.variant, **kwargs)
-
     def load(self) -> None:
         import diffusers
         from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
 
-        transformer = self._from_pretrained(QwenImageTransformer2DModel, "transformer",
+        transformer = self.from_pretrained(QwenImageTransformer2DModel, "transformer",
                                             self.weight_dtype).to(self.device)
         # Same dtype as the text encoder: the edit pipelines feed the VAE in the prompt embeddings' dtype.
-        vae = self._from_pretrained(AutoencoderKLQwenImage, "vae", self.weight_dtype).to(self.device).eval()
+        vae = self.from_pretrained(AutoencoderKLQwenImage, "vae", self.weight_dtype).to(self.device).eval()
         self.modules = {"transformer": transformer, "vae": vae}
         self.pipeline_class = getattr(diffusers, self.pipeline_class_name)
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
@@ -110,7 +105,7 @@ class QwenImageFamily(DiffusionFamily):
             return
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-        module = self._from_pretrained(Qwen2_5_VLForConditionalGeneration, "text_encoder", self.weight_dtype)
+        module = self.from_pretrained(Qwen2_5_VLForConditionalGeneration, "text_encoder", self.weight_dtype)
         self.modules["text_encoder"] = module.to(self.device).eval().requires_grad_(False)
         revision = self.cfg.model.revision
         self.tokenizer = Qwen2Tokenizer.from_pretrained(self.model_path, subfolder="tokenizer", revision=revision)

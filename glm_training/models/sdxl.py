@@ -36,19 +36,11 @@ class SDXLFamily(DiffusionFamily):
 
     # -- loading --------------------------------------------------------------------------------
 
-    def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
-        return cls.from_pretrained(self.model_path, subfolder=subfolder, torch_dtype=dtype,
-                                   revision=self.cfg.model.revision, variant=self.cfg.model.variant)
-
     def load(self) -> None:
         from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-        unet = self._from_pretrained(UNet2DConditionModel, "unet", self.weight_dtype).to(self.device)
-        # The SDXL VAE overflows in fp16: keep it in fp32 unless its config says it is safe.
-        vae = self._from_pretrained(AutoencoderKL, "vae", torch.float32)
-        if not vae.config.get("force_upcast", True):
-            vae.to(self.weight_dtype)
-        vae.to(self.device)
+        unet = self.from_pretrained(UNet2DConditionModel, "unet", self.weight_dtype).to(self.device)
+        vae = self.load_autoencoder(AutoencoderKL)
         self.modules = {"unet": unet, "vae": vae}
         scheduler = DDPMScheduler.from_pretrained(self.model_path, subfolder="scheduler",
                                                   revision=self.cfg.model.revision)
@@ -72,7 +64,7 @@ class SDXLFamily(DiffusionFamily):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            self.modules[name] = self._from_pretrained(cls, name, self.weight_dtype).to(self.device).eval()
+            self.modules[name] = self.from_pretrained(cls, name, self.weight_dtype).to(self.device).eval()
             self.modules[name].requires_grad_(False)
         self.tokenizers = [CLIPTokenizer.from_pretrained(self.model_path, subfolder=sub,
                                                          revision=self.cfg.model.revision)
