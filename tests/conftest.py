@@ -42,3 +42,78 @@ def sdxl_config(tmp_path: Path, data_path: Path, **sections) -> dict:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+# -- helpers shared by the flow-family tests -----------------------------------------------------
+
+
+def run_dir_of(raw: dict) -> Path:
+    """The newest run folder of a config dict (output_dir/project/vN)."""
+    return sorted((Path(raw["logging"]["output_dir"]) / raw["logging"]["project"]).glob("v*"))[-1]
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def fixed_noise_losses(raw: dict, run_dir: Path) -> tuple[float, float]:
+    """Loss of the base (adapter disabled) and of the saved LoRA (loaded through
+    lora.pretrained_weight) on every sample, with fixed noise and sigmas in [0.1, 0.9]."""
+    import torch
+
+    from glm_training.config import config_from_dict
+    from glm_training.data.datasets import collate
+    from glm_training.models.base import build_family
+    from glm_training.trainers.sft import build_diffusion_data, diffusion_sft_loss
+
+    raw = {**raw, "lora": {**raw["lora"], "pretrained_weight": str(run_dir / "final")}}
+    cfg = config_from_dict(raw)
+    family = build_family(cfg)
+    family.setup_training()
+    dataset, encoder = build_diffusion_data(cfg, family)
+    batch = collate([dataset[i] for i in range(len(dataset))])
+    generator = torch.Generator().manual_seed(123)
+    base = trained = 0.0
+    with torch.no_grad():
+        latents, condition = encoder(batch, 0)
+        for _ in range(4):
+            noise = torch.randn(latents.shape, generator=generator)
+            sigmas = 0.1 + 0.8 * torch.rand(len(latents), generator=generator)
+            trained += diffusion_sft_loss(family, latents, condition, noise, sigmas).mean().item() / 4
+            with family.reference():
+                base += diffusion_sft_loss(family, latents, condition, noise, sigmas).mean().item() / 4
+    return base, trained
+
+
+UNMATCHED_KEY_WORDS = ("unexpected", "missing", "not found", "unmatched", "no lora")
+
+
+def load_lora_messages(pipe, path: Path) -> list[str]:
+    """`pipe.load_lora_weights(path)`; returns every diffusers log message and warning it produced."""
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    library_logger = diffusers_logging.get_logger("diffusers")
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    library_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(path)
+    finally:
+        library_logger.removeHandler(handler)
+        diffusers_logging.set_verbosity(previous)
+    return records + [str(w.message) for w in caught]
+
+
+def unmatched_key_messages(messages: list[str]) -> list[str]:
+    return [m for m in messages if any(s in m.lower() for s in UNMATCHED_KEY_WORDS)]

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import logging
 import random
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import fixed_noise_losses, load_lora_messages, logged_losses, run_dir_of, unmatched_key_messages
 from glm_training.cli import main
 from glm_training.config import config_from_dict, load_config
 from glm_training.models.base import build_family
@@ -52,41 +51,6 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
-
-
-def run_dir_of(raw: dict) -> Path:
-    runs = sorted((Path(raw["logging"]["output_dir"]) / raw["logging"]["project"]).glob("v*"))
-    return runs[-1]
-
-
-def fixed_noise_losses(raw: dict, run_dir: Path) -> tuple[float, float]:
-    """Loss of the base (adapter disabled) and of the saved LoRA (loaded through
-    lora.pretrained_weight) on every sample, with fixed noise and sigmas in [0.1, 0.9]."""
-    from glm_training.data.datasets import collate
-    from glm_training.trainers.sft import build_diffusion_data, diffusion_sft_loss
-
-    raw = {**raw, "lora": {**raw["lora"], "pretrained_weight": str(run_dir / "final")}}
-    cfg = config_from_dict(raw)
-    family = build_family(cfg)
-    family.setup_training()
-    dataset, encoder = build_diffusion_data(cfg, family)
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    generator = torch.Generator().manual_seed(123)
-    base = trained = 0.0
-    with torch.no_grad():
-        latents, condition = encoder(batch, 0)
-        for _ in range(4):
-            noise = torch.randn(latents.shape, generator=generator)
-            sigmas = 0.1 + 0.8 * torch.rand(len(latents), generator=generator)
-            trained += diffusion_sft_loss(family, latents, condition, noise, sigmas).mean().item() / 4
-            with family.reference():
-                base += diffusion_sft_loss(family, latents, condition, noise, sigmas).mean().item() / 4
-    return base, trained
-
-
-def logged_losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +204,6 @@ def test_t2i_training_from_cache_lowers_the_loss(t2i_run):
 
 
 def test_lora_loads_into_the_pipeline_without_warnings_and_changes_edits(t2i_run, pipe, edit_data):
-    from diffusers.utils import logging as diffusers_logging
 
     run_dir, _ = t2i_run
     control = Image.open(edit_data.parent / "0_control.png").convert("RGB")
@@ -251,26 +214,11 @@ def test_lora_loads_into_the_pipeline_without_warnings_and_changes_edits(t2i_run
                     generator=torch.Generator().manual_seed(0)).images
 
     base = generate()
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    library_logger = diffusers_logging.get_logger("diffusers")
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_warning()
-    library_logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(run_dir / "final")
-    finally:
-        library_logger.removeHandler(handler)
-        diffusers_logging.set_verbosity(previous)
+    messages = load_lora_messages(pipe, run_dir / "final")
     # "No LoRA keys ... CLIPTextModel" is expected (the text encoder is not trained); nothing may
     # concern the transformer.
-    problems = [m for m in records + [str(w.message) for w in caught]
-                if any(s in m.lower() for s in ("unexpected", "missing", "not found", "unmatched", "no lora"))
-                and "text_encoder" not in m]
-    assert any("CLIPTextModel" in m for m in records)  # the capture works
+    problems = [m for m in unmatched_key_messages(messages) if "text_encoder" not in m]
+    assert any("CLIPTextModel" in m for m in messages)  # the capture works
     assert not problems, problems
     with_lora = generate()
     assert (with_lora - base).abs().max() > 1e-3

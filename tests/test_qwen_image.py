@@ -6,15 +6,14 @@ the LoRA loads into the real pipelines without warnings and changes their output
 from __future__ import annotations
 
 import json
-import logging
 import random
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from conftest import fixed_noise_losses, load_lora_messages, logged_losses, run_dir_of, unmatched_key_messages
 from glm_training.cli import main
 from glm_training.config import config_from_dict, load_config
 from glm_training.models.base import build_family
@@ -46,38 +45,9 @@ def write_config(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-def run_dir_of(raw: dict) -> Path:
-    return sorted((Path(raw["logging"]["output_dir"]) / raw["logging"]["project"]).glob("v*"))[-1]
-
-
-def logged_losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if "loss" in row]
-
-
-def fixed_noise_losses(raw: dict, run_dir: Path) -> tuple[float, float]:
-    """Loss of the base (adapter disabled) and of the saved LoRA (loaded through
-    lora.pretrained_weight) on every sample, with fixed noise and sigmas in [0.1, 0.9]."""
-    from glm_training.data.datasets import collate
-    from glm_training.trainers.sft import build_diffusion_data, diffusion_sft_loss
-
-    raw = {**raw, "lora": {**raw["lora"], "pretrained_weight": str(run_dir / "final")}}
-    cfg = config_from_dict(raw)
-    family = build_family(cfg)
-    family.setup_training()
-    dataset, encoder = build_diffusion_data(cfg, family)
-    batch = collate([dataset[i] for i in range(len(dataset))])
-    generator = torch.Generator().manual_seed(123)
-    base = trained = 0.0
-    with torch.no_grad():
-        latents, condition = encoder(batch, 0)
-        for _ in range(4):
-            noise = torch.randn(latents.shape, generator=generator)
-            sigmas = 0.1 + 0.8 * torch.rand(len(latents), generator=generator)
-            trained += diffusion_sft_loss(family, latents, condition, noise, sigmas).mean().item() / 4
-            with family.reference():
-                base += diffusion_sft_loss(family, latents, condition, noise, sigmas).mean().item() / 4
-    return base, trained
+def load_lora_problems(pipe, path: Path) -> list[str]:
+    """Load a LoRA and return every warning that speaks of unmatched keys."""
+    return unmatched_key_messages(load_lora_messages(pipe, path))
 
 
 def record_first_transformer_call(pipe, **call_kwargs) -> tuple[dict, torch.Tensor]:
@@ -91,28 +61,6 @@ def record_first_transformer_call(pipe, **call_kwargs) -> tuple[dict, torch.Tens
     finally:
         hook.remove()
     return calls[0]
-
-
-def load_lora_quietly(pipe, path: Path) -> list[str]:
-    """Load a LoRA and return every warning that speaks of unmatched keys."""
-    from diffusers.utils import logging as diffusers_logging
-
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    library_logger = diffusers_logging.get_logger("diffusers")
-    previous = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_warning()
-    library_logger.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(path)
-    finally:
-        library_logger.removeHandler(handler)
-        diffusers_logging.set_verbosity(previous)
-    return [m for m in records + [str(w.message) for w in caught]
-            if any(s in m.lower() for s in ("unexpected", "missing", "not found", "unmatched", "no lora"))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,13 +319,13 @@ def test_t2i_lora_loads_into_the_pipeline_without_warnings_and_changes_output(t2
                     true_cfg_scale=1.0, output_type="pt", generator=torch.Generator().manual_seed(0)).images
 
     base = generate()
-    assert not load_lora_quietly(pipe, run_dir / "final")
+    assert not load_lora_problems(pipe, run_dir / "final")
     with_lora = generate()
     assert (with_lora - base).abs().max() > 1e-3
     pipe.unload_lora_weights()
     torch.testing.assert_close(generate(), base)
     # kohya/ComfyUI layout (lora_unet_* with alpha) gives the same model
-    assert not load_lora_quietly(pipe, run_dir / "final" / "comfyui")
+    assert not load_lora_problems(pipe, run_dir / "final" / "comfyui")
     torch.testing.assert_close(generate(), with_lora, atol=1e-5, rtol=1e-5)
     pipe.unload_lora_weights()
 
@@ -417,7 +365,7 @@ def test_edit_training_lowers_the_loss_and_the_lora_edits_in_the_pipeline(tmp_pa
                             generator=torch.Generator().manual_seed(0)).images
 
     base_image = generate()
-    assert not load_lora_quietly(pipeline, run_dir / "final")
+    assert not load_lora_problems(pipeline, run_dir / "final")
     try:
         assert (generate() - base_image).abs().max() > 1e-3
     finally:

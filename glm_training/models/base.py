@@ -262,6 +262,17 @@ class DiffusionFamily(ModelFamily):
     #: objective on latents) and, for families with a token side (GLM-Image's AR), "tokens"
     #: (`token_sft_loss`, `image_token_logprobs`).
     sft_loss_terms: tuple[str, ...] = ("denoising",)
+    #: Whether `model.train_text_encoder` is supported (SDXL); the others keep their encoders frozen.
+    text_encoder_trainable: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
+        super().__init__(cfg, device, weight_dtype)
+        if cfg.model.train_text_encoder and not self.text_encoder_trainable:
+            raise ConfigError(f"model.train_text_encoder: not supported for {self.name} (its text encoder stays "
+                              "frozen); set it to false.")
+        if cfg.data.resolution % self.resolution_multiple:
+            raise ConfigError(f"data.resolution: {cfg.data.resolution} must be a multiple of "
+                              f"{self.resolution_multiple} for {self.name} (VAE downsampling x patch size).")
 
     objective: Any  # EpsilonObjective or FlowMatchingObjective, set by load()
 

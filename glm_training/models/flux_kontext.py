@@ -41,12 +41,6 @@ class FluxKontextFamily(DiffusionFamily):
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)
-        if cfg.model.train_text_encoder:
-            raise ConfigError("model.train_text_encoder: not supported for flux_kontext (only the "
-                              "transformer is trained); set it to false.")
-        if cfg.data.resolution % self.resolution_multiple:
-            raise ConfigError(f"data.resolution: {cfg.data.resolution} must be a multiple of "
-                              f"{self.resolution_multiple} for flux_kontext (8x VAE, 2x2 packing).")
         targets = cfg.lora.target_modules or FLUX_ATTENTION_TARGETS
         if cfg.lora.enabled and cfg.lora.save_format != "diffusers" and any("attn." not in t for t in targets):
             raise ConfigError(f"lora.save_format: {cfg.lora.save_format} - the kohya/ComfyUI FLUX layout holds "

@@ -97,9 +97,6 @@ class GlmImageFamily(DiffusionFamily):
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)
-        if cfg.model.train_text_encoder:
-            raise ConfigError("model.train_text_encoder: GLM-Image's glyph encoder is not trained here; "
-                              "set it to false (train model.component: ar, dit or both).")
         self.target_tokens = ar_lib.TargetTokenCache()
 
     # -- loading --------------------------------------------------------------------------------

@@ -67,12 +67,6 @@ class QwenImageFamily(DiffusionFamily):
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)
-        if cfg.model.train_text_encoder:
-            raise ConfigError(f"model.train_text_encoder: not supported for {self.name} (only the transformer "
-                              f"is trained; Qwen2.5-VL stays frozen); set it to false.")
-        if cfg.data.resolution % self.resolution_multiple:
-            raise ConfigError(f"data.resolution: {cfg.data.resolution} must be a multiple of "
-                              f"{self.resolution_multiple} for {self.name} (8x VAE, 2x2 packing).")
         if self.max_controls == 1 and cfg.data.control_dropout > 0:
             raise ConfigError(f"data.control_dropout: {self.name}'s prompt template needs its control image, so "
                               "it cannot train without one; set it to 0 or use qwen_image_edit_plus.")

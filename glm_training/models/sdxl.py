@@ -25,6 +25,7 @@ class SDXLFamily(DiffusionFamily):
     default_component = "unet"
     default_lora_targets = {"unet": ["to_k", "to_q", "to_v", "to_out.0"]}
     default_dpo_beta = 5000.0
+    text_encoder_trainable = True
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)
