@@ -17,8 +17,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["glm_training", "glm_training.*"]),
+    # The real architectures' config.json files (no weights) the memory planner builds on the meta device.
+    package_data={"glm_training": ["models/architectures/**/*.json"]},
     install_requires=requirements,
-    extras_require={"optim": ["bitsandbytes", "prodigyopt"], "ocr": ["paddleocr"]},
+    extras_require={"optim": ["bitsandbytes", "prodigyopt"], "ocr": ["paddleocr"],
+                    "eval": ["torch-fidelity==0.4.0"]},  # Inception for FID/KID
     py_modules=["train", "train_ar", "train_dit"],
-    entry_points={"console_scripts": ["glm-train=glm_training.cli:main"]},
+    entry_points={"console_scripts": ["glm-train=glm_training.cli:main",
+                                     "glm-predict=glm_training.predict:main"]},
 )

@@ -65,8 +65,8 @@ def main() -> int:
         rows.append(("cuda", f"unknown ({error})", "FAIL"))
 
     try:
-        from glm_training.config import ConfigError, load_config
-        from glm_training.data.datasets import DataError, load_samples
+        from glm_training.config import ConfigError, DataConfig, load_config
+        from glm_training.data.datasets import DataError, load_records
 
         version = version_of("glm_training")
         rows.append(("glm_training", version or "?", "ok"))
@@ -79,7 +79,7 @@ def main() -> int:
                 failures.append(str(error))
         quickstart = ROOT / "data" / "quickstart"
         try:
-            samples = load_samples(quickstart)
+            samples = load_records(DataConfig(path=str(quickstart)), {"prompt", "target"})
             rows.append(("data/quickstart", f"{len(samples)} samples", "ok"))
         except DataError as error:
             rows.append(("data/quickstart", "invalid", "FAIL"))

@@ -49,6 +49,14 @@ def parse_args(argv: list[str] | None, component: str | None) -> argparse.Namesp
                         help="Fill the prompt-embedding/latent cache (cache.dir) and exit without training.")
     parser.add_argument("--validate", action="store_true", help="Check the config and the data, then exit.")
     parser.add_argument("--print-schema", action="store_true", help="Print every config key with its default.")
+    parser.add_argument("--estimate", action="store_true",
+                        help="Print the memory plan (real architecture on the meta device, no weights) and exit.")
+    parser.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                        help="--estimate: the budget in GiB; prints the cheapest changes that make it fit.")
+    parser.add_argument("--quantize", action="append", default=[], metavar="PART=KIND",
+                        help="--estimate what-if: fp8|int8|nf4|none per part, e.g. transformer=nf4 (repeatable).")
+    parser.add_argument("--block-swap", type=int, default=0, metavar="N",
+                        help="--estimate what-if: N transformer blocks held in CPU memory.")
     if component is None:
         parser.add_argument("--train_both", "--train-both", action="store_true",
                             help="GLM-Image: train the AR generator and the DiT decoder together.")
@@ -82,20 +90,8 @@ def setup_logging() -> None:
 
 
 def validate_data(cfg: Config) -> str:
-    """Read and check the data the way training will; -> what was found."""
-    from glm_training.data import datasets
-
-    if cfg.model.family == "bagel" and cfg.training.method == "sft":
-        from glm_training.models.bagel.data import load_bagel_samples
-
-        return f"{len(load_bagel_samples(cfg.data.path))} training samples"
-    if cfg.training.method == "dpo" and not cfg.dpo.online:
-        return f"{len(datasets.load_preference_pairs(cfg.data.path, cfg.data.on_error))} preference pairs"
-    if cfg.training.method == "grpo" or cfg.dpo.online:
-        return f"{len(datasets.load_prompts(cfg.data.path))} prompts"
-    from glm_training.trainers.sft import load_training_samples
-
-    return f"{len(load_training_samples(cfg))} training samples"
+    """Read and check the data the way training will (the trainer's own record loading); -> what was found."""
+    return trainer_class(cfg.training.method).validate_data(cfg)
 
 
 def fill_cache(cfg: Config) -> None:
@@ -133,18 +129,52 @@ def main(argv: list[str] | None = None, component: str | None = None) -> int:
         print(describe_schema())
         return 0
     setup_logging()
+    from glm_training.rewards.base import RewardError
+
+    cfg = None
     try:
         cfg = build_config(args, component)
+        if args.estimate:  # builds on the meta device: never loads a weight
+            from glm_training.planner import WhatIf, parse_quantize, plan_memory
+
+            what_if = WhatIf(quantize=parse_quantize(args.quantize), block_swap=args.block_swap)
+            plan = plan_memory(cfg, what_if, budget_gb=args.gpu_memory)
+            print(plan.report())
+            return 0 if plan.fits() else 3
         if args.validate:
+            from glm_training.planner import check_fits_cuda
+
+            check_fits_cuda(cfg)  # with a CUDA device: refuse what cannot fit, before loading weights
             print(f"{args.config}: config valid; {validate_data(cfg)} in {cfg.data.path}.")
             return 0
         if args.cache:
             fill_cache(cfg)
             return 0
         trainer = trainer_class(cfg.training.method)(cfg)
-        run_dir = trainer.train()
-    except (ConfigError, DataError, FileNotFoundError) as error:
+        try:
+            run_dir = trainer.train()
+        except BaseException:
+            # A start that trained nothing leaves nothing: its new run folder, or what it added
+            # to the run it tried to resume (config-resume-*.yaml, logs), is removed.
+            if trainer.is_main and trainer.global_step == trainer.run_start.step:
+                from glm_training.utils.checkpoint import discard_failed_start
+
+                discard_failed_start(trainer.run_start)
+            raise
+    except (ConfigError, DataError, FileNotFoundError, RewardError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as error:  # a text file (prompts, captions) in another encoding
+        where = f"data.path: {cfg.data.path}" if cfg is not None else f"--config {args.config}"
+        print(f"error: a text file is not UTF-8 ({error}); {where}. Re-save it as UTF-8.", file=sys.stderr)
+        return 2
+    except OSError as error:
+        import errno
+
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise  # not the user's disk: a genuine bug keeps its traceback
+        print(f"error: cannot write {error.filename or 'the run folder'}: {error.strerror}. Free some space or "
+              "choose a writable logging.output_dir.", file=sys.stderr)
         return 2
     if trainer.is_main:
         logger.info("Run finished: %s", run_dir)

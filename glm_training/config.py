@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+logger = logging.getLogger("glm_training.config")
 
 
 class ConfigError(ValueError):
@@ -28,6 +31,10 @@ def _field(default: Any = dataclasses.MISSING, *, default_factory: Any = datacla
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+#: For the families' own config sections (`ModelFamily.options`): same docs and validation.
+option_field = _field
 
 
 @dataclass
@@ -90,11 +97,20 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: str = _field(None, required=True, doc="Dataset folder or manifest file.")
-    format: str = _field("auto", choices=("auto", "folder", "control_folder", "metadata_jsonl"),
-                         doc="folder: prompts.txt + target_images/ [+ source_images/ for i2i]; "
-                         "control_folder: training_images/NAME.png + NAME.txt + control_images/NAME.jpg "
-                         "(or NAME_1.jpg, NAME_2.jpg, ... for several); metadata_jsonl: metadata.jsonl with "
-                         "file_name and text (or image, prompt, control_images).")
+    format: str = _field("auto", choices=("auto", "folder", "control_folder", "metadata_jsonl", "prompts_txt",
+                                          "pickapic"),
+                         doc="folder: prompts.txt + target_images/ [+ source_images/ for i2i] (or chosen/ + "
+                         "rejected/ for pairs, or prompts.txt alone); control_folder: training_images/NAME.png + "
+                         "NAME.txt + control_images/NAME.jpg (or NAME_1.jpg, NAME_2.jpg, ... for several); "
+                         "metadata_jsonl: a .jsonl / .json manifest (or a folder with metadata.jsonl / "
+                         "pairs.jsonl) with prompt (or text), image (or file_name), chosen, rejected, "
+                         "control_images, or BAGEL conversations; prompts_txt: one prompt per line; "
+                         "pickapic: Pick-a-Pic v2 parquet files.")
+    eval_path: Optional[str] = _field(None, doc="Evaluation dataset (any layout); wins over the layout's own "
+                                      "eval_* files.")
+    eval_fraction: float = _field(0.0, min=0, max=0.5, doc="Hold out this fraction of data.path for "
+                                  "evaluation (deterministic, by content; removed from training). Not with "
+                                  "data.eval_path.")
     resolution: int = _field(1024, min=8, doc="Images are resized (short side) and cropped to this.")
     center_crop: bool = True
     random_flip: bool = False
@@ -140,8 +156,6 @@ class TrainingConfig:
     mode_scale: float = 1.29
     snr_gamma: Optional[float] = _field(None, min=0, doc="Epsilon families: min-SNR loss weighting.")
     noise_offset: float = _field(0.0, min=0)
-    text_loss_weight: float = _field(1.0, min=0, doc="Unified models (BAGEL): weight of the text CE.")
-    image_loss_weight: float = _field(1.0, min=0, doc="Unified models (BAGEL): weight of the image MSE.")
 
 
 @dataclass
@@ -234,7 +248,10 @@ class GRPOConfig:
     guidance_scale: float = _field(1.0, min=0)
     train_cfg: bool = False
     adv_clip_max: float = _field(5.0, min=0)
-    dynamic_sample: bool = False
+    dynamic_sample: bool = _field(False, doc="Resample the prompts of groups whose rewards all tie (zero std, no "
+                                  "signal) with new rollouts, up to max_resample_rounds times; logged (ms-swift).")
+    max_resample_rounds: int = _field(3, min=1, doc="dynamic_sample: resampling rounds per step at most; groups "
+                                      "still tied after them stay masked.")
 
 
 @dataclass
@@ -243,6 +260,10 @@ class RewardConfig:
     batch_size: int = _field(8, min=1)
     rewards: dict[str, Any] = _field(default_factory=dict, doc="name -> options (weight, type, ...).")
     weights: dict[str, Any] = _field(default_factory=dict, doc="Per-component weights: {ar: {...}, dit: {...}}.")
+    on_error: str = _field("raise", choices=("raise", "zero", "skip_group"),
+                           doc="A reward that raises or returns NaN/inf for a sample: raise (stop, naming the "
+                               "reward and sample), zero (score 0), skip_group (GRPO: the sample's group gets no "
+                               "advantage). Failed samples are logged (reward/failed_samples).")
 
 
 @dataclass
@@ -259,9 +280,17 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    #: The family's own section (`ModelFamily.options`), read from the top-level YAML section named
+    #: like model.family (`bagel:`); None when the family has none. Not a YAML key itself.
+    family_options: Any = field(default=None, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """As the YAML: the family's section under the family's name (so the dump loads again)."""
+        out = dataclasses.asdict(self)
+        options = out.pop("family_options")
+        if options is not None:
+            out[self.model.family] = options
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -346,7 +375,7 @@ def _build_dataclass(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {raw!r}.")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     for name in raw:
         if name not in fields:
             key = f"{prefix}.{name}" if prefix else str(name)
@@ -414,12 +443,6 @@ def check_combinations(cfg: Config) -> None:
                           "or lora.save_format: diffusers.")
     if not cfg.lora.enabled and cfg.lora.pretrained_weight:
         raise ConfigError("lora.pretrained_weight is set but lora.enabled is false.")
-    if cfg.training.mode == "i2i" and cfg.model.family == "sdxl":
-        raise ConfigError("training.mode: i2i needs an edit family (flux_kontext, qwen_image_edit, "
-                          "qwen_image_edit_plus, glm_image, bagel); sdxl has no control-image input.")
-    if cfg.training.mode == "t2i" and cfg.model.family in ("qwen_image_edit", "qwen_image_edit_plus"):
-        raise ConfigError(f"model.family: {cfg.model.family} is an edit model; set training.mode: i2i "
-                          "or use model.family: qwen_image.")
     if cfg.logging.sample_control_images and len(cfg.logging.sample_control_images) != len(
             cfg.logging.sample_prompts):
         raise ConfigError("logging.sample_control_images must have one image per entry of "
@@ -437,15 +460,159 @@ def check_combinations(cfg: Config) -> None:
                           f"grpo.num_generations ({cfg.grpo.num_generations}).")
     if cfg.training.method == "grpo" and not cfg.reward.rewards:
         raise ConfigError("training.method: grpo needs at least one reward in reward.rewards.")
+    if cfg.training.method == "grpo" and cfg.data.caption_dropout > 0:
+        raise ConfigError("data.caption_dropout: GRPO samples its rollouts from the prompts as written (an empty "
+                          "prompt would be scored and trained like any other); set it to 0 and shape what the "
+                          "policy learns with reward.rewards / reward.weights instead.")
+
+
+def schema_default(key: str) -> Any:
+    """The default of `section.name` in the schema (a section of Config)."""
+    section, name = key.split(".")
+    cls = typing.get_type_hints(Config)[section]
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def unused_keys(cfg: Config) -> dict[str, str]:
+    """Keys (or whole sections, 'dpo.*') that do nothing with this config -> why. Generic rules
+    only; what a family ignores it declares itself (`ModelFamily.ignored_keys`)."""
+    training, data, lora, log, opt = cfg.training, cfg.data, cfg.lora, cfg.logging, cfg.optimizer
+    rules: dict[str, str] = {}
+    if training.method != "dpo":
+        rules["dpo.*"] = f"training.method is {training.method}"
+    elif not cfg.dpo.online:
+        for name in ("num_generations", "sample_steps", "guidance_scale"):
+            rules[f"dpo.{name}"] = "dpo.online is false (offline pairs)"
+    if training.method != "grpo":
+        rules["grpo.*"] = f"training.method is {training.method}"
+    if training.method == "sft" or (training.method == "dpo" and not cfg.dpo.online):
+        rules["reward.*"] = "rewards score GRPO rollouts and online DPO pairs only"
+    if not cfg.grpo.dynamic_sample:
+        rules["grpo.max_resample_rounds"] = "grpo.dynamic_sample is false"
+    if training.method == "grpo":
+        why = "GRPO trains on its own rollouts (SDE log-probs), not on noised data"
+        for name in ("noise_offset", "snr_gamma", "weighting_scheme", "logit_mean", "logit_std", "mode_scale"):
+            rules[f"training.{name}"] = why
+        rules["data.random_flip"] = "GRPO reads prompts (and source images), it trains on its rollouts"
+    if training.method != "sft" or training.mode == "t2i":
+        rules["data.control_dropout"] = ("training.mode is t2i (no control images)" if training.mode == "t2i"
+                                         else f"SFT only; training.method is {training.method}")
+    if training.weighting_scheme != "logit_normal":
+        rules.setdefault("training.logit_mean", "training.weighting_scheme is not logit_normal")
+        rules.setdefault("training.logit_std", "training.weighting_scheme is not logit_normal")
+    if training.weighting_scheme != "mode":
+        rules.setdefault("training.mode_scale", "training.weighting_scheme is not mode")
+    if training.max_train_steps is not None:
+        rules["training.num_epochs"] = "training.max_train_steps is set and wins over it"
+    if not data.buckets:
+        rules["data.bucket_aspect_range"] = rules["data.bucket_step"] = "data.buckets is false"
+    if not lora.enabled:
+        for name in ("rank", "alpha", "dropout", "target_modules", "text_encoder_target_modules", "init",
+                     "components"):
+            rules[f"lora.{name}"] = "lora.enabled is false (full fine-tuning)"
+    elif not cfg.model.train_text_encoder:
+        rules["lora.text_encoder_target_modules"] = "model.train_text_encoder is false"
+    if opt.class_path:
+        for name in ("name", "weight_decay", "betas", "eps"):
+            rules[f"optimizer.{name}"] = "optimizer.class_path is set (its arguments are optimizer.kwargs)"
+    elif opt.name == "sgd":
+        rules["optimizer.betas"] = rules["optimizer.eps"] = "optimizer.name is sgd"
+    if cfg.lr_scheduler.name == "constant":
+        rules["lr_scheduler.min_lr_ratio"] = "lr_scheduler.name is constant (no decay)"
+    if training.method == "grpo":  # GRPO evaluates (ODE) every sample_steps, on the training prompts by default
+        for name in ("sample_num_inference_steps", "sample_guidance_scale", "sample_resolution"):
+            rules[f"logging.{name}"] = "GRPO evaluates with grpo.eval_steps and grpo.guidance_scale at data.resolution"
+    elif not log.sample_prompts:
+        for name in ("sample_steps", "sample_num_inference_steps", "sample_guidance_scale", "sample_seed",
+                     "sample_resolution"):
+            rules[f"logging.{name}"] = "logging.sample_prompts is empty (no samples)"
+    if "wandb" not in log.report_to:
+        rules["logging.wandb_mode"] = "logging.report_to has no wandb"
+    if not cfg.cache.enabled:
+        rules["cache.dir"] = rules["cache.device"] = "cache.enabled is false"
+    return rules
+
+
+def warn_unused_keys(cfg: Config, raw: dict, source: str = "config") -> list[str]:
+    """One warning listing every key the user set (in the YAML or by --set) that does nothing
+    with this config; -> those keys."""
+    rules = unused_keys(cfg)
+    found = []
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            continue
+        for name in values:
+            key = f"{section}.{name}"
+            why = rules.get(key) or rules.get(f"{section}.*")
+            if why:
+                found.append(f"{key} ({why})")
+    if found:
+        logger.warning("%s: these keys are set but do nothing with this config: %s. Remove them (or change the "
+                       "keys in brackets).", source, "; ".join(found))
+    return [item.split(" ", 1)[0] for item in found]
+
+
+def _family_section(raw: dict) -> tuple[dict, Any, dict | None]:
+    """Split the family's own section off the raw config: -> (raw without it, the family class,
+    its raw section). Renamed keys of the family move into the section, with a warning."""
+    from glm_training.models.base import family_class, family_names
+
+    model = raw.get("model")
+    name = model.get("family", ModelConfig.family) if isinstance(model, dict) else ModelConfig.family
+    cls = family_class(str(name))
+    raw = dict(raw)
+    for other in family_names():
+        if other != name and other in raw and other not in {f.name for f in dataclasses.fields(Config)}:
+            raise ConfigError(f"{other}: this section configures model.family {other}, but model.family is "
+                              f"{name}; remove it or set model.family: {other}.")
+    section = raw.pop(name, None)
+    if section is not None and cls.options is None:
+        raise ConfigError(f"{name}: model.family {name} has no options section; remove it.")
+    for old, new in cls.renamed_keys.items():
+        old_section, old_name = old.split(".")
+        values = raw.get(old_section)
+        if not isinstance(values, dict) or old_name not in values:
+            continue
+        new_name = new.split(".", 1)[1]
+        section = dict(section or {})
+        if new_name in section:
+            raise ConfigError(f"{old} and {new} are both set; {old} is the old name of {new}: keep only {new}.")
+        values = raw[old_section] = dict(values)
+        section[new_name] = values.pop(old_name)
+        logger.warning("%s is deprecated: it is now %s (section %s:); the old key is read for one more "
+                       "release.", old, new, name)
+    return raw, cls, section
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
     try:
+        raw, family, section = _family_section(raw)
         cfg = _build_dataclass(Config, raw, "")
+        if family.options is not None:
+            cfg.family_options = _build_dataclass(family.options, section, cfg.model.family)
         check_combinations(cfg)
+        family.check_config(cfg)  # what the family declares: modes, control images, methods, keys it ignores
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
+    warn_unused_keys(cfg, raw, source)
     return cfg
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one and
+    silently drops the first section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}: key {key!r} is given twice in the same section (first on line "
+                                  f"{seen[key]}); YAML would silently drop the first one. Merge them into one.")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
@@ -454,26 +621,43 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise ConfigError(f"Config file not found: {path}. Pass --config with a YAML file "
                           f"(examples in configs/).")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, data:, ...).")
     raw = apply_overrides(raw, overrides or [])
     return config_from_dict(raw, source=str(path))
 
 
+def _describe_section(lines: list[str], name: str, cls: type, note: str = "") -> None:
+    lines.append(f"{name}:{note}")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        doc = f.metadata.get("doc", "")
+        required = " (required)" if f.metadata.get("required") else ""
+        lines.append(f"  {f.name}: {default!r}  # {_type_name(hints[f.name])}{required} {doc}".rstrip())
+
+
 def describe_schema() -> str:
-    """Every key with its default and documentation, for `train.py --print-schema`."""
-    lines = []
+    """Every key with its default and documentation, for `train.py --print-schema`; then the
+    families' own sections (`model.family: <name>` reads the section `<name>:`)."""
+    from glm_training.models.base import family_class, family_names
+
+    lines: list[str] = []
+    hints = typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
-        lines.append(f"{section.name}:")
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            doc = f.metadata.get("doc", "")
-            required = " (required)" if f.metadata.get("required") else ""
-            lines.append(f"  {f.name}: {default!r}  # {_type_name(hints[f.name])}{required} {doc}".rstrip())
+        if not section.metadata.get("internal"):
+            _describe_section(lines, section.name, hints[section.name])
+    for name in family_names():
+        try:
+            options = family_class(name).options
+        except ConfigError:  # a family whose module is not installed
+            continue
+        if options is not None:
+            _describe_section(lines, name, options, f"  # only with model.family: {name}")
     return "\n".join(lines)

@@ -67,7 +67,8 @@ def fixed_noise_losses(raw: dict, run_dir: Path) -> tuple[float, float]:
     from glm_training.config import config_from_dict
     from glm_training.data.datasets import collate
     from glm_training.models.base import build_family
-    from glm_training.trainers.sft import build_diffusion_data, diffusion_sft_loss
+    from glm_training.parts.denoiser import diffusion_sft_loss
+    from glm_training.trainers.sft import build_diffusion_data
 
     raw = {**raw, "lora": {**raw["lora"], "pretrained_weight": str(run_dir / "final")}}
     cfg = config_from_dict(raw)

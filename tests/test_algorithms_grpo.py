@@ -96,8 +96,8 @@ def test_advantage_argument_errors() -> None:
         compute_advantages(REWARDS, GROUPS[:3])
     with pytest.raises(ValueError, match="integer"):
         compute_advantages(REWARDS, GROUPS.float())
-    with pytest.raises(ValueError, match="NaN"):
-        compute_advantages(torch.tensor([1.0, float("nan")]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="inf"):
+        compute_advantages(torch.tensor([1.0, float("inf")]), torch.tensor([0, 0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,3 +291,19 @@ def test_token_grpo_argument_errors() -> None:
         token_grpo_loss(LOGPS, OLD, ADV, MASK[:, :3], 0.2)
     with pytest.raises(ValueError, match="num_items_in_batch"):
         token_grpo_loss(LOGPS, OLD, ADV, MASK, 0.2, loss_type="grpo", num_items_in_batch=5)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_failed_sample_masks_its_whole_group(scale) -> None:
+    """reward.on_error skip_group: a NaN reward voids its group; the others are as if it were absent."""
+    rewards = torch.tensor([1.0, float("nan"), 3.0, 0.5, 2.0, 4.0, 4.0, 1.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    advantages, valid, stats = compute_advantages(rewards, groups, scale)
+    assert valid.tolist() == [False, False, True, True, True, True, True, True]
+    assert advantages[:2].tolist() == [0.0, 0.0] and bool(torch.isfinite(advantages).all())
+    alone, _, alone_stats = compute_advantages(rewards[2:], groups[2:], scale)
+    assert torch.allclose(advantages[2:], alone)
+    assert float(stats["failed_group_fraction"]) == pytest.approx(0.25)
+    assert float(stats["reward_mean"]) == pytest.approx(float(alone_stats["reward_mean"]))
+    all_failed, none_valid, _ = compute_advantages(torch.tensor([float("nan"), 1.0]), torch.tensor([0, 0]))
+    assert all_failed.tolist() == [0.0, 0.0] and not none_valid.any()

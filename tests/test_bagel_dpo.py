@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from glm_training.algorithms.dpo import diffusion_dpo_loss
-from glm_training.config import config_from_dict
-from glm_training.data.datasets import load_preference_pairs
+from glm_training.config import DataConfig, config_from_dict
+from glm_training.data.datasets import load_records
 from glm_training.data.synthetic import make_colour_preference_pairs
 from glm_training.models.base import build_family
 
@@ -33,10 +34,11 @@ def dpo(family, pairs, seed: int, beta: float = 1000.0):
 
 
 def test_pairs_share_draws_and_start_at_log_2(tmp_path):
-    pairs = load_preference_pairs(make_colour_preference_pairs(tmp_path / "pairs", count=4, size=16))
+    pairs = load_records(DataConfig(path=make_colour_preference_pairs(tmp_path / "pairs", count=4, size=16)),
+                         {"prompt", "chosen", "rejected"})
     family = family_for(tmp_path, tmp_path / "pairs" / "pairs.jsonl")
     # The same image as winner and loser: identical errors, so dropout, timestep and noise are shared.
-    same = [type(p)(p.prompt, p.chosen, p.chosen, p.control_images) for p in pairs]
+    same = [dataclasses.replace(p, rejected=p.chosen) for p in pairs]
     policy, reference = family.preference_errors({"sample": same}, seed=3)
     torch.testing.assert_close(policy[:4], policy[4:])
     # Fresh LoRA (B = 0): policy == reference, so the loss is log 2 and the accuracy 1/2 (ties).
@@ -47,7 +49,8 @@ def test_pairs_share_draws_and_start_at_log_2(tmp_path):
 
 
 def test_dpo_learns_the_colour_preference(tmp_path):
-    pairs = load_preference_pairs(make_colour_preference_pairs(tmp_path / "pairs", count=12, size=16))
+    pairs = load_records(DataConfig(path=make_colour_preference_pairs(tmp_path / "pairs", count=12, size=16)),
+                         {"prompt", "chosen", "rejected"})
     train, held_out = pairs[:8], pairs[8:]
     family = family_for(tmp_path, tmp_path / "pairs" / "pairs.jsonl")
     params = [p for p in family.modules["bagel"].parameters() if p.requires_grad]

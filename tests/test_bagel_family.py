@@ -25,8 +25,9 @@ def write_data(root):
     return path
 
 
-def config(tmp_path, data, **training):
+def config(tmp_path, data, bagel=None, **training):
     return config_from_dict({
+        "bagel": bagel or {},
         "model": {"family": "bagel", "pretrained_model_name_or_path": "tiny:bagel", "component": "both"},
         "data": {"path": str(data), "resolution": 16},
         "training": {"max_train_steps": 24, "batch_size": 2, "learning_rate": 3e-3, "checkpointing_steps": 100,
@@ -66,7 +67,8 @@ def test_bagel_sft_lowers_both_losses_and_the_lora_reloads(tmp_path):
 
 def test_loss_weights_are_applied(tmp_path):
     data = write_data(tmp_path)
-    trainer = SFTTrainer(config(tmp_path, data, text_loss_weight=0.0, image_loss_weight=2.0, max_train_steps=1))
+    trainer = SFTTrainer(config(tmp_path, data, bagel={"text_loss_weight": 0.0, "image_loss_weight": 2.0},
+                                max_train_steps=1))
     trainer.setup()
     batch = {"index": [0, 1], "sample": [trainer.dataset[0]["sample"], trainer.dataset[1]["sample"]]}
     loss, metrics = trainer.compute_loss(batch)

@@ -16,7 +16,7 @@ from PIL import Image
 from glm_training.config import ConfigError, config_from_dict, load_config
 from glm_training.models.base import build_family
 from glm_training.models.bagel.generate import SAMPLING_TIMESTEP_SHIFT, BagelSampler
-from glm_training.trainers.sampler import DiffusionSampler
+from glm_training.parts.sampler import DiffusionSampler
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "configs" / "bagel_grpo.yaml"
@@ -111,11 +111,11 @@ def test_edit_rollouts_are_on_policy_at_the_first_iteration_with_zero_kl(tmp_pat
     trainer = GRPOTrainer(config_from_dict(raw))
     trainer.setup()
     batch = collate([trainer.dataset[i] for i in (0, 1)])
-    rollout = trainer.make_rollout(batch)
+    rollout = trainer.make_rollout(batch).records[trainer.parts[0].name]
     assert rollout.uncondition is None and all(source is not None for _, source in rollout.condition["inputs"])
-    schedule = trainer.sampler_.schedule(rollout.trajectory.states[0])
+    schedule = trainer.parts[0].sampler.schedule(rollout.trajectory.states[0])
     for k in range(trainer.cfg.grpo.sample_steps):
-        step = trainer.sampler_.step(k, rollout.trajectory.states[k], rollout.condition, None,
+        step = trainer.parts[0].sampler.step(k, rollout.trajectory.states[k], rollout.condition, None,
                                      prev_sample=rollout.trajectory.states[k + 1], schedule=schedule)
         assert step.log_prob.requires_grad
         assert torch.equal(step.log_prob.detach(), rollout.trajectory.log_probs[:, k])

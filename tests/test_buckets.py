@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from glm_training.config import ConfigError, config_from_dict
+from glm_training.config import ConfigError, DataConfig, config_from_dict
 from glm_training.data.cache import EmbeddingCache
 from glm_training.data.datasets import (BucketBatchSampler, DataError, ImageDataset, ShardedBatchSampler,
-                                        collate, load_samples, make_batch_sampler, make_buckets,
+                                        collate, load_records, make_batch_sampler, make_buckets,
                                         nearest_bucket, same_size_chunks)
 
 from conftest import sdxl_config
@@ -63,7 +63,7 @@ def test_each_image_lands_in_its_nearest_bucket_and_controls_follow(tmp_path):
         distances = [abs(math.log(w / h) - math.log(width / height)) for h, w in buckets]
         assert abs(math.log(chosen[1] / chosen[0]) - math.log(width / height)) == min(distances)
     root = mixed_aspect_data(tmp_path / "d", per_size=1, controls=True)
-    dataset = ImageDataset(load_samples(root), 32, buckets=buckets)
+    dataset = ImageDataset(load_records(DataConfig(path=root), {"prompt", "target"}), 32, buckets=buckets)
     expected = [(24, 40), (40, 24), (32, 32), (32, 32)]  # 64x32 wide, 32x64 tall, square, 50x40 ~ square
     for index, (height, width) in enumerate(expected):
         item = dataset[index]
@@ -78,7 +78,7 @@ def test_each_image_lands_in_its_nearest_bucket_and_controls_follow(tmp_path):
 
 def test_batches_never_mix_shapes_and_sampler_is_deterministic(tmp_path):
     root = mixed_aspect_data(tmp_path / "d", per_size=5)
-    dataset = ImageDataset(load_samples(root), 32, buckets=make_buckets(32, 8))
+    dataset = ImageDataset(load_records(DataConfig(path=root), {"prompt", "target"}), 32, buckets=make_buckets(32, 8))
     sampler = make_batch_sampler(dataset, batch_size=2, seed=1)
     assert isinstance(sampler, BucketBatchSampler)
     # buckets: 5 wide, 5 tall, 10 square -> 2 + 2 + 5 batches of 2 per epoch, ragged ends dropped
@@ -103,7 +103,7 @@ def test_batches_never_mix_shapes_and_sampler_is_deterministic(tmp_path):
 
 def test_same_size_chunks_cover_every_sample_in_uniform_batches(tmp_path):
     root = mixed_aspect_data(tmp_path / "d", per_size=3)
-    dataset = ImageDataset(load_samples(root), 32, buckets=make_buckets(32, 8))
+    dataset = ImageDataset(load_records(DataConfig(path=root), {"prompt", "target"}), 32, buckets=make_buckets(32, 8))
     chunks = same_size_chunks(dataset, list(range(len(dataset))), batch_size=2)
     assert sorted(i for chunk in chunks for i in chunk) == list(range(12))  # ragged ends kept
     assert all(len({dataset.size_of(i) for i in chunk}) == 1 and len(chunk) <= 2 for chunk in chunks)
@@ -154,12 +154,12 @@ def test_cache_keys_include_the_bucket_size(tmp_path):
 
 
 def test_bucket_config_errors_name_the_key(tmp_path):
-    from glm_training.models.sdxl import SDXLFamily
+    from glm_training.models.base import build_family
     from glm_training.trainers.sft import build_diffusion_data
 
     raw = sdxl_config(tmp_path, tmp_path, data={"buckets": True, "bucket_aspect_range": [1.5, 2.0]})
     cfg = config_from_dict(raw)
-    family = SDXLFamily.__new__(SDXLFamily)  # only its class attributes are read before the data
+    family = build_family(cfg, load=False)  # only its declarations are read before the data
     mixed_aspect_data(tmp_path / "d", per_size=1)
     cfg.data.path = str(tmp_path / "d")
     with pytest.raises(ConfigError, match="data.bucket_aspect_range"):
@@ -183,10 +183,10 @@ def test_sdxl_sft_with_buckets_on_mixed_aspect_images_trains_end_to_end(tmp_path
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     assert (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file()
     # the cache holds each image's latents at its bucket's size, keyed by that size
-    cache, dataset = trainer.encoder.cache, trainer.dataset
+    cache, dataset = trainer.parts[0].encoder.cache, trainer.dataset
     for index, sample in enumerate(dataset.samples):
         height, width = dataset.size_of(index)
-        entries = [cache.get(cache.latent_key(sample.image, (height, width), flip)) for flip in (False, True)]
+        entries = [cache.get(cache.latent_key(sample.target, (height, width), flip)) for flip in (False, True)]
         assert any(entries)  # trained at least once (3 steps x 2 = every sample) in one orientation
         for entry in filter(None, entries):
             assert tuple(entry["latents"].shape[1:]) == tuple(trainer.family.latent_shape(height, width))
@@ -209,4 +209,4 @@ def test_cache_command_fills_every_bucket(tmp_path):
     cfg = config_from_dict(raw)
     dataset, encoder = build_diffusion_data(cfg, build_family(cfg))
     for index, sample in enumerate(dataset.samples):
-        assert encoder.cache.get(encoder.cache.latent_key(sample.image, dataset.size_of(index), False)), sample.image
+        assert encoder.cache.get(encoder.cache.latent_key(sample.target, dataset.size_of(index), False)), sample.target

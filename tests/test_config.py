@@ -86,3 +86,78 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     load_config(path)
+
+
+def test_duplicate_keys_are_refused_with_their_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  pretrained_model_name_or_path: tiny:sdxl\ndata:\n  path: x\n"
+                    "training:\n  batch_size: 2\nmodel:\n  family: sdxl\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: line 7: key 'model' is given twice .*first on line 1"):
+        load_config(path)
+    path.write_text("model:\n  pretrained_model_name_or_path: tiny:sdxl\ndata:\n  path: x\n  path: y\n")
+    with pytest.raises(ConfigError, match=r"line 5: key 'path' is given twice .*first on line 4"):
+        load_config(path)
+
+
+BAGEL = {"model": {"family": "bagel", "pretrained_model_name_or_path": "tiny:bagel"}, "data": {"path": "d"}}
+
+
+def test_family_section_and_the_deprecated_bagel_keys(caplog):
+    cfg = config_from_dict({**BAGEL, "bagel": {"image_loss_weight": 2.0}})
+    assert cfg.family_options.image_loss_weight == 2.0 and cfg.family_options.text_loss_weight == 1.0
+    with pytest.raises(ConfigError, match=r"Unknown key 'bagel.image_los_weight'. Did you mean 'image_loss_weight'"):
+        config_from_dict({**BAGEL, "bagel": {"image_los_weight": 2.0}})
+    with pytest.raises(ConfigError, match=r"bagel: this section configures model.family bagel, but model.family is sdxl"):
+        config_from_dict({**BASE, "bagel": {"text_loss_weight": 0.5}})
+    with caplog.at_level("WARNING", logger="glm_training.config"):
+        cfg = config_from_dict({**BAGEL, "training": {"text_loss_weight": 0.5}})
+    assert cfg.family_options.text_loss_weight == 0.5
+    assert any("training.text_loss_weight is deprecated: it is now bagel.text_loss_weight" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ConfigError, match=r"training.text_loss_weight and bagel.text_loss_weight are both set"):
+        config_from_dict({**BAGEL, "training": {"text_loss_weight": 0.5}, "bagel": {"text_loss_weight": 1.0}})
+    with pytest.raises(ConfigError, match=r"Unknown key 'training.text_loss_weight'"):  # not a bagel config
+        build(training={"text_loss_weight": 0.5})
+
+
+def test_config_check_asks_the_family_declarations(monkeypatch):
+    """A family registered from outside glm_training: its declarations drive the checks."""
+    import dataclasses
+
+    from glm_training.models import base
+    from glm_training.models.sdxl import SDXLFamily
+
+    @dataclasses.dataclass
+    class Options:
+        strength: float = 1.0
+
+    class EditOnly(SDXLFamily):
+        name = "edit_only"
+        modes = ("i2i",)
+        max_control_images = 2
+        methods = ("sft",)
+        options = Options
+
+    monkeypatch.setitem(base._FAMILIES, "edit_only", EditOnly)  # register_family, undone after the test
+    base.register_family("edit_only", EditOnly)
+    raw = {"model": {"family": "edit_only", "pretrained_model_name_or_path": "x"}, "data": {"path": "d"},
+           "training": {"mode": "i2i"}}
+    assert config_from_dict({**raw, "edit_only": {"strength": 0.5}}).family_options == Options(0.5)
+    with pytest.raises(ConfigError, match=r"model.family: edit_only is an edit model; set training.mode: i2i"):
+        config_from_dict({**raw, "training": {"mode": "t2i"}})
+    with pytest.raises(ConfigError, match=r"training.method: dpo is not supported by edit_only; use one of \['sft'\]"):
+        config_from_dict({**raw, "training": {"mode": "i2i", "method": "dpo"}})
+    with pytest.raises(ConfigError, match=r"training.mode: i2i needs an edit family \(.*edit_only.*\); sdxl has no"):
+        build(training={"mode": "i2i"})
+    with pytest.raises(ConfigError, match=r"model.family: unknown family 'edit_onyl'. Did you mean 'edit_only'"):
+        config_from_dict({**raw, "model": {"family": "edit_onyl", "pretrained_model_name_or_path": "x"}})
+
+
+def test_bagel_reads_data_caption_dropout(tmp_path):
+    from glm_training.models.base import build_family
+
+    family = build_family(config_from_dict({**BAGEL, "data": {"path": "d", "caption_dropout": 0.35,
+                                                              "resolution": 16}}))
+    assert family.packing().text_cond_dropout == 0.35
+    family = build_family(config_from_dict({**BAGEL, "data": {"path": "d", "resolution": 16}}))
+    assert family.packing().text_cond_dropout == 0.0  # the same default as every family

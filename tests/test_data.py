@@ -5,16 +5,17 @@ import torch
 from PIL import Image
 
 from glm_training.data.cache import EmbeddingCache, fingerprint_model_dir
-from glm_training.data.datasets import (DataError, ImageDataset, ShardedBatchSampler, load_samples,
+from glm_training.config import DataConfig
+from glm_training.data.datasets import (DataError, ImageDataset, ShardedBatchSampler, load_records,
                                         resize_and_crop)
 from glm_training.data.synthetic import make_shapes_dataset
 
 
 def test_folder_format_pairs_in_natural_order(tmp_path):
     root = make_shapes_dataset(tmp_path / "d", count=12, size=16)
-    samples = load_samples(root)
+    samples = load_records(DataConfig(path=root), {"prompt", "target"})
     assert len(samples) == 12
-    assert [s.image.name for s in samples[:3]] == ["0000.png", "0001.png", "0002.png"]
+    assert [s.target.name for s in samples[:3]] == ["0000.png", "0001.png", "0002.png"]
     assert samples[0].prompt == (root / "prompts.txt").read_text().splitlines()[0]
 
 
@@ -25,26 +26,26 @@ def test_every_bad_file_is_listed_at_once(tmp_path):
     lines[2] = "   "
     (root / "prompts.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError) as error:
-        load_samples(root)
+        load_records(DataConfig(path=root), {"prompt", "target"})
     message = str(error.value)
     assert "2 problem(s)" in message
     assert "0001.png: not a readable image" in message
     assert "0002.png: empty prompt" in message
     assert "data.on_error: skip" in message
-    kept = load_samples(root, on_error="skip")
-    assert [s.image.name for s in kept] == ["0000.png", "0003.png"]
+    kept = load_records(DataConfig(path=root, on_error="skip"), {"prompt", "target"})
+    assert [s.target.name for s in kept] == ["0000.png", "0003.png"]
 
 
 def test_count_mismatch_and_missing_layout(tmp_path):
     root = make_shapes_dataset(tmp_path / "d", count=3, size=16)
     (root / "target_images" / "0002.png").unlink()
     with pytest.raises(DataError, match=r"has 3 prompts but .*target_images has 2 images"):
-        load_samples(root)
+        load_records(DataConfig(path=root), {"prompt", "target"})
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no known dataset layout"):
-        load_samples(tmp_path / "empty")
+        load_records(DataConfig(path=tmp_path / "empty"), {"prompt", "target"})
     with pytest.raises(DataError, match=r"does not exist"):
-        load_samples(tmp_path / "nowhere")
+        load_records(DataConfig(path=tmp_path / "nowhere"), {"prompt", "target"})
 
 
 def test_metadata_jsonl_format(tmp_path):
@@ -54,7 +55,7 @@ def test_metadata_jsonl_format(tmp_path):
             {"file_name": "c.png", "text": "missing"}]
     (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     with pytest.raises(DataError) as error:
-        load_samples(tmp_path)
+        load_records(DataConfig(path=tmp_path), {"prompt", "target"})
     assert "c.png: file not found" in str(error.value)
     assert "metadata.jsonl:4: not valid JSON" in str(error.value)
 
@@ -64,7 +65,7 @@ def test_resize_crop_and_tensor_range(tmp_path):
     cropped, (top, left) = resize_and_crop(image, 16)
     assert cropped.size == (16, 16) and top == 0 and left == 8
     make_shapes_dataset(tmp_path / "d", count=2, size=24)
-    item = ImageDataset(load_samples(tmp_path / "d"), resolution=16)[0]
+    item = ImageDataset(load_records(DataConfig(path=tmp_path / "d"), {"prompt", "target"}), resolution=16)[0]
     assert item["pixel_values"].shape == (3, 16, 16)
     assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
     assert item["original_size"].tolist() == [24, 24]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from glm_training.data.datasets import DataError, ImageDataset, collate, detect_format, load_samples
+from glm_training.config import DataConfig
+from glm_training.data.datasets import DataError, ImageDataset, collate, detect_format, load_records
 
 
 def image(path, colour="red", size=(16, 16)):
@@ -34,12 +35,12 @@ def seed000(root, count=3):
 def test_seed000_source_images_pair_with_targets_and_prompts(tmp_path):
     root = seed000(tmp_path / "d")
     assert detect_format(root) == "folder"
-    samples = load_samples(root, require_controls=True, same_control_count=True)
-    assert [(s.prompt, s.image.name, [c.name for c in s.control_images]) for s in samples] == [
+    samples = load_records(DataConfig(path=root), {"prompt", "target", "controls"}, same_control_count=True)
+    assert [(s.prompt, s.target.name, [c.name for c in s.controls]) for s in samples] == [
         ("edit 0", "00.png", ["00.jpg"]), ("edit 1", "01.png", ["01.jpg"]), ("edit 2", "02.png", ["02.jpg"])]
-    evals = load_samples(root, split="eval")
-    assert [(s.prompt, s.image.name, s.control_images[0].name) for s in evals][0] == ("eval 0", "e0.png", "e0.jpg")
-    assert all(c.parent.name == "eval_source_images" for s in evals for c in s.control_images)
+    evals = load_records(DataConfig(path=root), {"prompt", "target"}, split="eval")
+    assert [(s.prompt, s.target.name, s.controls[0].name) for s in evals][0] == ("eval 0", "e0.png", "e0.jpg")
+    assert all(c.parent.name == "eval_source_images" for s in evals for c in s.controls)
     item = ImageDataset(samples, resolution=8)[1]
     assert len(item["control_pixel_values"]) == 1 and item["control_pixel_values"][0].shape == (3, 8, 8)
     assert item["control_pixel_values"][0][2].mean() > 0.9  # blue source, not the red target
@@ -50,12 +51,12 @@ def test_seed000_missing_source_is_named(tmp_path):
     (root / "source_images" / "01.jpg").unlink()
     image(root / "source_images" / "zz.jpg")
     with pytest.raises(DataError) as error:
-        load_samples(root)
+        load_records(DataConfig(path=root), {"prompt", "target"})
     message = str(error.value)
     assert "01.png: no source image source_images/01.*" in message
     assert "zz.jpg: source image without a target image" in message
-    kept = load_samples(root, on_error="skip")
-    assert [s.image.name for s in kept] == ["00.png", "02.png"]
+    kept = load_records(DataConfig(path=root, on_error="skip"), {"prompt", "target"})
+    assert [s.target.name for s in kept] == ["00.png", "02.png"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,9 +74,10 @@ def seed003(root, names=("a", "b", "c")):
 def test_seed003_pairs_by_name(tmp_path):
     root = seed003(tmp_path / "d", names=("img_10", "img_2", "img_1"))
     assert detect_format(root) == "control_folder"
-    samples = load_samples(root, fmt="control_folder", require_controls=True, same_control_count=True)
+    samples = load_records(DataConfig(path=root, format="control_folder"),
+                           {"prompt", "target", "controls"}, same_control_count=True)
     # natural order; img_1 is a target of its own, so img_1.jpg is not a second control of "img"
-    assert [(s.image.name, s.prompt, [c.name for c in s.control_images]) for s in samples] == [
+    assert [(s.target.name, s.prompt, [c.name for c in s.controls]) for s in samples] == [
         ("img_1.png", "make img_1 red", ["img_1.jpg"]), ("img_2.png", "make img_2 red", ["img_2.jpg"]),
         ("img_10.png", "make img_10 red", ["img_10.jpg"])]
 
@@ -88,11 +90,11 @@ def test_seed003_several_control_images_in_number_order(tmp_path):
         for k, colour in ((10, "white"), (2, "green"), (1, "blue")):
             image(root / "control_images" / f"{name}_{k}.jpg", colour)
     with pytest.raises(DataError, match=r"x.png: control images numbered \[1, 2, 10\]; number them 1..3"):
-        load_samples(root)
+        load_records(DataConfig(path=root), {"prompt", "target"})
     for name in ("x", "y"):
         (root / "control_images" / f"{name}_10.jpg").rename(root / "control_images" / f"{name}_3.jpg")
-    samples = load_samples(root, same_control_count=True)
-    assert [[c.name for c in s.control_images] for s in samples] == [["x_1.jpg", "x_2.jpg", "x_3.jpg"],
+    samples = load_records(DataConfig(path=root), {"prompt", "target"}, same_control_count=True)
+    assert [[c.name for c in s.controls] for s in samples] == [["x_1.jpg", "x_2.jpg", "x_3.jpg"],
                                                                      ["y_1.jpg", "y_2.jpg", "y_3.jpg"]]
     batch = collate([ImageDataset(samples, resolution=8)[i] for i in range(2)])
     assert len(batch["control_pixel_values"]) == 3  # one (B, 3, H, W) tensor per control slot
@@ -111,7 +113,7 @@ def test_seed003_pairing_errors_are_listed_together_by_file_name(tmp_path):
     image(root / "control_images" / "f_1.jpg")                       # f: 2 controls, others 1
     (root / "control_images" / "f.jpg").rename(root / "control_images" / "f_2.jpg")
     with pytest.raises(DataError) as error:
-        load_samples(root, same_control_count=True)
+        load_records(DataConfig(path=root), {"prompt", "target"}, same_control_count=True)
     message = str(error.value)
     assert "b.png: no control image (control_images/b.jpg, or b_1.jpg" in message
     assert "c.txt: missing caption of c.png" in message
@@ -121,15 +123,17 @@ def test_seed003_pairing_errors_are_listed_together_by_file_name(tmp_path):
     assert "f.png: 2 control image(s) (f_1.jpg, f_2.jpg) but 2 samples have 1" in message
     assert "training.batch_size: 1" in message and "data.on_error: skip" in message
     assert "a.png" not in message and "g.png" not in message
-    assert [s.image.name for s in load_samples(root, on_error="skip", same_control_count=True)] == ["a.png", "g.png"]
+    assert [s.target.name for s in load_records(DataConfig(path=root, on_error="skip"),
+                                                {"prompt", "target"}, same_control_count=True)] == ["a.png", "g.png"]
     # batch size 1: a different number of controls is fine
-    assert {s.image.name for s in load_samples(root, on_error="skip")} == {"a.png", "f.png", "g.png"}
+    assert {s.target.name for s in load_records(DataConfig(path=root, on_error="skip"),
+                                                {"prompt", "target"})} == {"a.png", "f.png", "g.png"}
 
 
 def test_seed003_missing_folder_is_a_layout_error(tmp_path):
     image(tmp_path / "training_images" / "a.png")
     with pytest.raises(DataError, match=r"control_images: missing folder of control images"):
-        load_samples(tmp_path)
+        load_records(DataConfig(path=tmp_path), {"prompt", "target"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +147,8 @@ def test_jsonl_manifest_with_control_images(tmp_path):
             {"prompt": "edit 1", "image": "t1.png", "control_images": ["c1.png", "c1b.png"]}]
     manifest = tmp_path / "edits.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    samples = load_samples(manifest, require_controls=True, same_control_count=True)
-    assert [(s.prompt, s.image.name, [c.name for c in s.control_images]) for s in samples] == [
+    samples = load_records(DataConfig(path=manifest), {"prompt", "target", "controls"}, same_control_count=True)
+    assert [(s.prompt, s.target.name, [c.name for c in s.controls]) for s in samples] == [
         ("edit 0", "t0.png", ["c0.png", "c0b.png"]), ("edit 1", "t1.png", ["c1.png", "c1b.png"])]
     rows += [{"prompt": "edit 2", "image": "t0.png", "control_images": ["gone.png"]},
              {"prompt": "edit 3", "image": "t1.png", "control_images": "c1.png"},   # a string is one path
@@ -152,7 +156,7 @@ def test_jsonl_manifest_with_control_images(tmp_path):
              {"prompt": "edit 5", "image": "t1.png"}]
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(DataError) as error:
-        load_samples(manifest, require_controls=True, same_control_count=True)
+        load_records(DataConfig(path=manifest), {"prompt", "target", "controls"}, same_control_count=True)
     message = str(error.value)
     assert "gone.png: file not found" in message
     assert "edits.jsonl:5: 'control_images' must be a list of paths" in message
@@ -188,9 +192,10 @@ class FakeFamily:
 
 
 def test_control_dropout_is_per_batch_and_deterministic(tmp_path):
-    from glm_training.trainers.conditioning import ConditionEncoder
+    from glm_training.parts.conditioning import ConditionEncoder
 
-    samples = load_samples(seed003(tmp_path / "d", names=[f"s{i}" for i in range(8)]))
+    samples = load_records(DataConfig(path=seed003(tmp_path / "d", names=[f"s{i}" for i in range(8)])),
+                           {"prompt", "target"})
     dataset = ImageDataset(samples, resolution=8)
     batches = [collate([dataset[i] for i in range(start, start + 2)]) for start in range(0, 8, 2)]
     encoder = ConditionEncoder(FakeFamily(), samples, None, 8, seed=3, control_dropout=0.5)
@@ -216,7 +221,7 @@ def test_control_dropout_is_per_batch_and_deterministic(tmp_path):
 
 
 def test_control_dropout_rate_is_close_to_the_setting(tmp_path):
-    from glm_training.trainers.conditioning import ConditionEncoder
+    from glm_training.parts.conditioning import ConditionEncoder
 
     encoder = ConditionEncoder(FakeFamily(), [], None, 8, seed=0, control_dropout=0.3)
     pixels = [torch.zeros(1, 3, 4, 4)]

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from glm_training.config import config_from_dict
-from glm_training.data.datasets import DataError, load_preference_pairs
+from glm_training.config import DataConfig, config_from_dict
+from glm_training.data.datasets import DataError, load_records
 from glm_training.data.synthetic import make_colour_preference_pairs
 from glm_training.trainers.dpo import DPOTrainer
 
@@ -16,13 +16,14 @@ def test_pairs_are_validated_up_front(tmp_path):
     manifest = make_colour_preference_pairs(tmp_path / "p", count=3, size=16)
     (tmp_path / "p" / "images" / "0001_blue.png").unlink()
     with pytest.raises(DataError, match=r"0001_blue.png: file not found"):
-        load_preference_pairs(manifest)
-    assert len(load_preference_pairs(manifest, on_error="skip")) == 2
+        load_records(DataConfig(path=manifest), {"prompt", "chosen", "rejected"})
+    assert len(load_records(DataConfig(path=manifest, on_error="skip"), {"prompt", "chosen", "rejected"})) == 2
 
 
 def test_dpo_starts_at_log2_and_learns_the_preference(tmp_path):
     train_pairs = make_colour_preference_pairs(tmp_path / "train", count=16, size=32, seed=0)
-    held_out = load_preference_pairs(make_colour_preference_pairs(tmp_path / "eval", count=8, size=32, seed=1))
+    held_out = load_records(DataConfig(path=make_colour_preference_pairs(tmp_path / "eval", count=8, size=32, seed=1)),
+                            {"prompt", "chosen", "rejected"})
     # Chosen images have a red background, rejected ones a blue one (same shape, same place).
     targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                "conv1", "conv2"]
@@ -60,7 +61,7 @@ def test_pickapic_parquet_layout_drops_ties(tmp_path):
     table = pa.table({"caption": ["a", "b", "c"], "jpg_0": [red, blue, green], "jpg_1": [blue, red, red],
                       "label_0": [1.0, 0.0, 0.5]})
     pq.write_table(table, tmp_path / "train-0.parquet")
-    pairs = load_preference_pairs(tmp_path)
+    pairs = load_records(DataConfig(path=tmp_path), {"prompt", "chosen", "rejected"})
     assert [p.prompt for p in pairs] == ["a", "b"]  # the tie is dropped
     for pair in pairs:  # red is preferred in both rows
         assert Image.open(pair.chosen).getpixel((8, 8))[0] > 200

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from glm_training.config import ConfigError, config_from_dict
+from glm_training.config import ConfigError, DataConfig, config_from_dict
 from glm_training.data.synthetic import make_colour_preference_pairs
-from glm_training.data.datasets import load_preference_pairs
+from glm_training.data.datasets import load_records
 from glm_training.trainers.dpo import DPOTrainer, OnlinePairSource
 
 from conftest import sdxl_config
@@ -25,7 +25,7 @@ def test_full_fine_tuning_reference_is_a_frozen_copy(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         trainer.setup()
     assert any("frozen reference is a copy of unet" in r.message and "GB" in r.message for r in caplog.records)
-    held_out = load_preference_pairs(pairs)
+    held_out = load_records(DataConfig(path=pairs), {"prompt", "chosen", "rejected"})
     before = trainer.evaluate(held_out, draws=2)
     # policy == reference. A separate copy is not bit-identical in its arithmetic (CPU kernels round
     # differently for some inputs, ~6e-8 in one MSE; LoRA's disabled adapter is the same module and is

@@ -23,6 +23,7 @@ import torch
 
 from conftest import load_lora_messages, unmatched_key_messages
 from glm_training.config import ConfigError, config_from_dict
+from glm_training.data.datasets import DataError
 from glm_training.models.flux_kontext import FLUX_ATTENTION_TARGETS
 
 T5_TOKENS = 32  # instead of 512: the text tokens dominate the tiny transformer's cost
@@ -83,13 +84,15 @@ def flux_pipe():
 
 def test_flow_dpo_learns_the_preference_and_the_adapter_loads_into_the_pipeline(tmp_path, flux_pipe):
 
-    from glm_training.data.datasets import load_preference_pairs
+    from glm_training.config import DataConfig
+    from glm_training.data.datasets import load_records
     from glm_training.data.synthetic import make_colour_preference_pairs
     from glm_training.trainers.dpo import DPOTrainer
 
     # Chosen images: a yellow shape on red; rejected: the same shape at the same place on blue.
     train_pairs = make_colour_preference_pairs(tmp_path / "train", count=8, size=32, seed=0)
-    held_out = load_preference_pairs(make_colour_preference_pairs(tmp_path / "eval", count=8, size=32, seed=1))
+    held_out = load_records(DataConfig(path=make_colour_preference_pairs(tmp_path / "eval", count=8, size=32, seed=1)),
+                            {"prompt", "chosen", "rejected"})
     raw = flux_config(tmp_path, train_pairs, training={"method": "dpo", "max_train_steps": 150, "batch_size": 4,
                                                        "learning_rate": 3e-3},
                       dpo={"beta": 1000.0})
@@ -114,7 +117,7 @@ def test_flow_dpo_learns_the_preference_and_the_adapter_loads_into_the_pipeline(
     # The preference reaches the samples: ODE samples of the held-out prompts move (in latent
     # space) from the base model's towards the chosen images' latents, away from the rejected ones.
     from glm_training.data.datasets import PreferenceDataset, collate
-    from glm_training.trainers.sampler import DiffusionSampler
+    from glm_training.parts.sampler import DiffusionSampler
 
     family = trainer.family
     dataset = PreferenceDataset(held_out, 32, center_crop=True, random_flip=False)
@@ -201,7 +204,7 @@ def test_flow_grpo_raises_the_brightness_reward(tmp_path):
 
 def test_sde_with_noise_level_zero_is_the_ode_and_the_pipelines_sampler(tmp_path, flux_pipe):
     from glm_training.models.base import build_family
-    from glm_training.trainers.sampler import DiffusionSampler
+    from glm_training.parts.sampler import DiffusionSampler
 
     cfg = config_from_dict(flux_config(tmp_path, prompts_file(tmp_path)))
     family = build_family(cfg)
@@ -243,10 +246,10 @@ def test_first_inner_iteration_is_on_policy_and_the_clip_acts_on_the_second(tmp_
     # Recomputing a rollout's log-probs with the unchanged policy (with gradients) gives the
     # stored ones bitwise.
     batch = collate([trainer.dataset[i] for i in (0, 1)])
-    rollout = trainer.make_rollout(batch)
-    schedule = trainer.sampler_.schedule(rollout.trajectory.states[0])
+    rollout = trainer.make_rollout(batch).records[trainer.parts[0].name]
+    schedule = trainer.parts[0].sampler.schedule(rollout.trajectory.states[0])
     for k in range(trainer.cfg.grpo.sample_steps):
-        step = trainer.sampler_.step(k, rollout.trajectory.states[k], rollout.condition, rollout.uncondition,
+        step = trainer.parts[0].sampler.step(k, rollout.trajectory.states[k], rollout.condition, rollout.uncondition,
                                      prev_sample=rollout.trajectory.states[k + 1], schedule=schedule)
         assert step.log_prob.requires_grad
         assert torch.equal(step.log_prob.detach(), rollout.trajectory.log_probs[:, k])
@@ -288,8 +291,8 @@ def test_i2i_grpo_with_ssim_to_the_source_runs_with_finite_metrics(tmp_path):
                       reward={"rewards": {"ssim": {"weight": 1.0, "compare_to": "source"}}})
     trainer = GRPOTrainer(config_from_dict(raw))
     trainer.setup()
-    assert [len(s.control_images) for s in trainer.samples] == [1, 1]
-    condition, _ = trainer.conditions(next(iter(trainer.dataloader(0))), 2)
+    assert [len(s.controls) for s in trainer.records] == [1, 1]
+    condition, _ = trainer.parts[0].generation_conditions(next(iter(trainer.dataloader(0))), 2, trainer.guidance)
     assert condition["control_tokens"].shape == (4, 4, 64)  # 2 prompts x G=2, 2x2 packed control tokens
     run_dir = trainer.train()
     rows = read_rows(run_dir)
@@ -303,7 +306,7 @@ def test_i2i_grpo_with_ssim_to_the_source_runs_with_finite_metrics(tmp_path):
     # Prompts without a source image in i2i mode are an error, not a silent text-to-image run.
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text("\n".join(json.dumps({"prompt": e["prompt"]}) for e in edits) + "\n")
-    with pytest.raises(ConfigError, match="needs a source image for every prompt"):
+    with pytest.raises((ConfigError, DataError), match="source_image"):
         GRPOTrainer(config_from_dict({**raw, "data": {**raw["data"], "path": str(wrong)}})).setup()
     print(f"\ni2i GRPO (SSIM to source): rollout ssim {train[0]['reward/ssim_mean']:.4f}, "
           f"{train[1]['reward/ssim_mean']:.4f}; kl {train[1]['kl']:.2e}; "

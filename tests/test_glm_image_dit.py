@@ -13,14 +13,14 @@ import yaml
 from PIL import Image
 
 from glm_training.cli import main
-from glm_training.config import config_from_dict
-from glm_training.data.datasets import ImageDataset, collate, load_samples, to_tensor
+from glm_training.config import DataConfig, config_from_dict
+from glm_training.data.datasets import ImageDataset, collate, load_records, to_tensor
 from glm_training.models.base import build_family
 from glm_training.models.glm_image import GlmImageFlowShift, load_glm_image_lora
 from glm_training.models.glm_image_support import FixedGlmImagePipeline
 from glm_training.models.tiny import ensure_tiny
-from glm_training.trainers.conditioning import ConditionEncoder
-from glm_training.trainers.sft import diffusion_sft_loss
+from glm_training.parts.conditioning import ConditionEncoder
+from glm_training.parts.denoiser import diffusion_sft_loss
 
 SIZE = 32
 
@@ -176,7 +176,7 @@ def fixed_loss(cfg, final_dir=None) -> float:
     family = build_family(cfg)
     torch.manual_seed(0)
     family.setup_training()
-    samples = load_samples(cfg.data.path)
+    samples = load_records(DataConfig(path=cfg.data.path), {"prompt", "target"})
     encoder = ConditionEncoder(family, samples, None, cfg.data.resolution)
     batch = collate([ImageDataset(samples, cfg.data.resolution)[i] for i in range(len(samples))])
     generator = torch.Generator().manual_seed(123)

@@ -74,9 +74,9 @@ def test_groups_stay_on_one_rank(tmp_path):
     batch = collate([trainer.dataset[i] for i in ranks[1][0]])
     rollout = trainer.make_rollout(batch)
     assert rollout.indices == ranks[1][0]
-    advantages = rollout.advantages.view(per_rank, 4)  # prompt-major: one row per prompt's group
+    advantages = rollout.advantages["unet"].view(per_rank, 4)  # prompt-major: one row per prompt's group
     assert torch.allclose(advantages.mean(dim=1), torch.zeros(per_rank), atol=1e-5)
-    assert rollout.trajectory.final.shape[0] == per_rank * 4
+    assert rollout.records["unet"].trajectory.final.shape[0] == per_rank * 4
 
 
 def test_grpo_config_errors(tmp_path):

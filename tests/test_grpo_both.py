@@ -20,8 +20,8 @@ import torch
 from glm_training.algorithms.grpo import compute_advantages
 from glm_training.config import config_from_dict
 from glm_training.data.datasets import collate
-from glm_training.trainers.grpo import BUFFER_FILE, GRPOTrainer, JointRollout
-from glm_training.trainers.sampler import reward_inputs
+from glm_training.trainers.grpo import BUFFER_FILE, GRPOTrainer
+from glm_training.parts.sampler import reward_inputs
 
 SIZE = 32
 GROUP = 4
@@ -67,26 +67,26 @@ def trainable(trainer, name):
 def test_each_component_gets_its_own_advantages_and_gradients(tmp_path, prompts):
     trainer = GRPOTrainer(config_from_dict(both_raw(tmp_path, prompts, grpo={"beta": 0.04})))
     trainer.setup()
-    assert trainer.joint and not trainer.token_policy
+    assert [part.name for part in trainer.parts] == ["ar", "dit"]
     assert trainer.reward_weights == {"ar": {"brightness": 1.0}, "dit": {"jpeg_compressibility": 1.0}}
     assert sorted(trainer.rewards.rewards) == ["brightness", "jpeg_compressibility"]  # each scored once
     batch = collate([trainer.dataset[0]])
     rollout = trainer.make_rollout(batch)
-    assert isinstance(rollout, JointRollout)
+    assert set(rollout.records) == {"ar", "dit"}
     # The advantages are those of each component's own reward on the same decoded images.
     images = trainer.last_rollout[1]
     _, per_reward = trainer.rewards(reward_inputs(batch, images, GROUP))
     group_ids = torch.zeros(GROUP, dtype=torch.long)
     expected = {name: compute_advantages(per_reward[name], group_ids)[0]
                 for name in ("brightness", "jpeg_compressibility")}
-    assert torch.equal(rollout.tokens.advantages.cpu(), expected["brightness"])
-    assert torch.equal(rollout.flow.advantages.cpu(), expected["jpeg_compressibility"])
+    assert torch.equal(rollout.advantages["ar"].cpu(), expected["brightness"])
+    assert torch.equal(rollout.advantages["dit"].cpu(), expected["jpeg_compressibility"])
     assert not torch.allclose(expected["brightness"], expected["jpeg_compressibility"])
-    assert rollout.tokens.valid.all() and rollout.flow.valid.all()  # members differ (DiT SDE noise)
-    metrics = rollout.tokens.metrics
+    assert rollout.valid["ar"].all() and rollout.valid["dit"].all()  # members differ (DiT SDE noise)
+    metrics = rollout.metrics["ar"]
     assert metrics["reward/total_mean"] == metrics["reward/brightness_mean"]
     assert "reward/jpeg_compressibility_mean" not in metrics
-    metrics = rollout.flow.metrics
+    metrics = rollout.metrics["dit"]
     assert metrics["reward/total_mean"] == metrics["reward/jpeg_compressibility_mean"]
     assert "reward/brightness_mean" not in metrics
 

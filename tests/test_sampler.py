@@ -4,7 +4,7 @@ import torch
 
 from glm_training.config import config_from_dict
 from glm_training.models.base import build_family
-from glm_training.trainers.sampler import DiffusionSampler
+from glm_training.parts.sampler import DiffusionSampler
 
 from conftest import sdxl_config
 

@@ -10,7 +10,8 @@ from glm_training.algorithms.objectives import (EpsilonObjective, FlowMatchingOb
                                                 per_sample_mse)
 from glm_training.config import config_from_dict
 from glm_training.data.datasets import collate
-from glm_training.trainers.sft import SFTTrainer, diffusion_sft_loss
+from glm_training.parts.denoiser import diffusion_sft_loss
+from glm_training.trainers.sft import SFTTrainer
 
 from conftest import sdxl_config
 
@@ -64,7 +65,7 @@ def fixed_loss(trainer: SFTTrainer) -> float:
     generator = torch.Generator().manual_seed(123)
     batch = collate([trainer.dataset[i] for i in range(len(trainer.dataset))])
     with torch.no_grad():
-        latents, condition = trainer.encoder(batch, 0)
+        latents, condition = trainer.parts[0].encoder(batch, 0)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(100, 900, (len(latents),), generator=generator)
         return diffusion_sft_loss(trainer.family, latents, condition, noise, timesteps).mean().item()

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from glm_training.config import ConfigError, config_from_dict, load_config
-from glm_training.data.datasets import load_preference_pairs
+from glm_training.config import ConfigError, DataConfig, config_from_dict, load_config
+from glm_training.data.datasets import load_records
 from glm_training.data.synthetic import make_colour_preference_pairs
 from glm_training.trainers.dpo import DPOTrainer
 from glm_training.trainers.grpo import GRPOTrainer
@@ -50,7 +50,8 @@ def read_rows(run):
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("token_pairs")
     train = make_colour_preference_pairs(root / "train", count=8, size=SIZE, seed=0)
-    held_out = load_preference_pairs(make_colour_preference_pairs(root / "eval", count=6, size=SIZE, seed=1))
+    held_out = load_records(DataConfig(path=make_colour_preference_pairs(root / "eval", count=6, size=SIZE, seed=1)),
+                            {"prompt", "chosen", "rejected"})
     return train, held_out
 
 
@@ -61,7 +62,7 @@ def test_token_dpo_at_the_reference_is_log_2(tmp_path, pairs):
     train, held_out = pairs
     trainer = DPOTrainer(config_from_dict(glm_raw(tmp_path, train)))
     trainer.setup()
-    assert trainer.terms == ("tokens",) and trainer.token_beta == pytest.approx(0.1)  # family token default
+    assert trainer.betas == {"ar": pytest.approx(0.1)}  # family token default
     metrics = trainer.evaluate(held_out)
     assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-7)
     assert metrics["implicit_acc"] == 0.5 and metrics["reward_margin"] == 0.0
@@ -94,8 +95,8 @@ def test_both_sums_token_dpo_and_diffusion_dpo(tmp_path, pairs):
     raw = glm_raw(tmp_path, train, component="both", dpo={"beta": 500.0, "token_beta": 0.25, "sft_weight": 0.1})
     trainer = DPOTrainer(config_from_dict(raw))
     trainer.setup()
-    assert trainer.terms == ("denoising", "tokens")
-    assert trainer.beta == 500.0 and trainer.token_beta == 0.25  # dpo.beta: the DiT's; token_beta: the AR's
+    assert [part.name for part in trainer.parts] == ["ar", "dit"]
+    assert trainer.betas == {"dit": 500.0, "ar": 0.25}  # dpo.beta: the DiT's; token_beta: the AR's
     from glm_training.data.datasets import collate
 
     batch = collate([trainer.dataset[i] for i in range(2)])
@@ -120,7 +121,8 @@ def test_online_dpo_is_refused_for_tokens(tmp_path, pairs):
 
 def test_bagel_dpo_through_the_trainer(tmp_path):
     train = make_colour_preference_pairs(tmp_path / "train", count=4, size=16, seed=0)
-    held_out = load_preference_pairs(make_colour_preference_pairs(tmp_path / "eval", count=4, size=16, seed=1))
+    held_out = load_records(DataConfig(path=make_colour_preference_pairs(tmp_path / "eval", count=4, size=16, seed=1)),
+                            {"prompt", "chosen", "rejected"})
     raw = {
         "model": {"family": "bagel", "pretrained_model_name_or_path": "tiny:bagel", "component": "gen"},
         "data": {"path": str(train), "resolution": 16},
@@ -132,7 +134,7 @@ def test_bagel_dpo_through_the_trainer(tmp_path):
     }
     trainer = DPOTrainer(config_from_dict(raw))
     trainer.setup()
-    assert trainer.terms == ("errors",)
+    assert [part.name for part in trainer.parts] == ["bagel"]
     before = trainer.evaluate(held_out)
     assert before["loss"] == pytest.approx(math.log(2), abs=1e-6) and before["implicit_acc"] == 0.5
     run = trainer.train()
@@ -168,7 +170,7 @@ def test_token_grpo_on_policy_ratio_and_kl_at_the_reference(tmp_path, prompts):
                    grpo={"num_iterations": 2, "beta": 0.04})
     trainer = GRPOTrainer(config_from_dict(raw))
     trainer.setup()
-    assert trainer.token_policy
+    assert [part.kind for part in trainer.parts] == ["tokens"]
     assert list(trainer.rewards.rewards) == ["brightness"]  # reward.weights.ar picks the AR's rewards
     run = trainer.train()
     rows = [row for row in read_rows(run) if "ratio_mean" in row]

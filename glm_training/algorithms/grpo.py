@@ -55,6 +55,10 @@ def compute_advantages(
     exactly 0 and ``valid = False`` (mask them out of the loss, or resample them as ms-swift's
     ``dynamic_sample`` does). Groups of size 1 are such groups.
 
+    A NaN reward marks a failed sample (``reward.on_error: skip_group``): every member of its
+    group gets advantage 0 and ``valid = False``, and the other groups' statistics ignore it.
+    Infinite rewards are an error.
+
     Rewards must be gathered over all processes first when groups span processes.
 
     Args:
@@ -69,7 +73,9 @@ def compute_advantages(
         ``(advantages (B,) float32 (float64 stays float64), valid (B,) bool, stats)``, all
         detached, with stats
         ``zero_std_fraction`` (fraction of *samples* in zero-std groups, TRL's
-        ``frac_reward_zero_std``), ``reward_mean`` and ``reward_std`` over the batch.
+        ``frac_reward_zero_std``), ``failed_group_fraction`` (fraction of *samples* in groups
+        holding a NaN reward; with equal group sizes also the fraction of groups), and
+        ``reward_mean`` and ``reward_std`` over the samples of the other groups.
     """
     if scale_rewards not in ADVANTAGE_SCALES:
         raise ValueError(f"scale_rewards must be one of {ADVANTAGE_SCALES}, got {scale_rewards!r}")
@@ -90,10 +96,15 @@ def compute_advantages(
     dtype = compute_dtype(rewards)
     with no_autocast(rewards.device), torch.no_grad():
         r = rewards.detach().to(dtype)
-        if not bool(torch.isfinite(r).all()):
-            raise ValueError("rewards contain NaN or inf; fix the reward function first")
+        if bool(torch.isinf(r).any()):
+            raise ValueError("rewards contain inf; fix the reward function first")
         _, inverse = torch.unique(group_ids.to(r.device), return_inverse=True)
         n_groups = int(inverse.max()) + 1
+        # Groups with a failed (NaN) sample: computed with 0 in its place, then masked entirely.
+        failed_group = torch.zeros(n_groups, dtype=dtype, device=r.device).index_add_(
+            0, inverse, torch.isnan(r).to(dtype)) > 0
+        failed = failed_group[inverse]
+        r = torch.where(failed, torch.zeros_like(r), r)
         counts = torch.zeros(n_groups, dtype=dtype, device=r.device).index_add_(
             0, inverse, torch.ones_like(r)
         )
@@ -114,19 +125,24 @@ def compute_advantages(
         if scale_rewards == "group":
             advantages = centered / (group_var.sqrt()[inverse] + eps)
         elif scale_rewards == "batch":
-            advantages = centered / (r.std(unbiased=False) + eps)
+            kept = r[~failed]
+            advantages = centered / ((kept.std(unbiased=False) if kept.numel() else r.new_zeros(())) + eps)
         else:
             advantages = centered
         if adv_clip_max is not None:
             advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
-        advantages = torch.where(zero_std, torch.zeros_like(advantages), advantages)
+        invalid = zero_std | failed
+        advantages = torch.where(invalid, torch.zeros_like(advantages), advantages)
 
+        kept = r[~failed]
+        nan = r.new_full((), float("nan"))
         stats = {
-            "zero_std_fraction": zero_std.to(dtype).mean(),
-            "reward_mean": r.mean(),
-            "reward_std": r.std(unbiased=False),
+            "zero_std_fraction": (zero_std & ~failed).to(dtype).mean(),
+            "failed_group_fraction": failed.to(dtype).mean(),
+            "reward_mean": kept.mean() if kept.numel() else nan,
+            "reward_std": kept.std(unbiased=False) if kept.numel() else nan,
         }
-    return advantages, ~zero_std, stats
+    return advantages, ~invalid, stats
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,20 @@
 """The model-family interface: what trainers need from a model, and nothing more.
 
-Trainers (SFT, DPO, GRPO) are written once against this interface. A family is one file that
-loads its checkpoint, names its trainable components, and implements either the diffusion side
-(`encode_prompt`, `encode_images`, `condition`, `predict`, `objective`, `sample`) or the token
-side (`token_logprobs`, `generate`), or both (BAGEL).
+A family is one file: it loads its checkpoint (`load`), names its trainable components, declares
+what it supports (`modes`, `max_control_images`, `methods`, its own config section: read by
+`check_config` before anything loads) and returns its trained **parts** (`make_parts`), each of a
+kind from `glm_training.parts`:
 
-LoRA, full fine-tuning, per-component learning rates, the frozen reference (adapter disabled)
-and checkpoint state are handled here generically, on the modules `components()` returns.
+- a denoiser (`parts.Denoiser`) built on the hooks of `DenoiserHooks` below: `objective`,
+  `encode_prompt`, `encode_images`, `decode_latents`, `latent_shape`, `condition`, `predict`;
+- a token policy (`parts.TokenPolicy`) implementing `TokenPolicyHooks`: teacher-forced per-token
+  log-probs and sampling with the log-probs of the distribution sampled from.
+
+Trainers loop over `parts()` and call the method of their training (`sft_loss`,
+`preference_loss`, `policy_backward`); families whose parts chain in generation (GLM-Image: AR
+tokens -> DiT) override `rollout` / `eval_images`. LoRA, full fine-tuning, per-component learning
+rates, the frozen reference (adapter disabled) and checkpoint state are handled here generically,
+on the modules `components()` returns. `register_family` adds a family without editing this file.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import difflib
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -56,9 +64,73 @@ class ModelFamily(ABC):
     default_lora_targets: ClassVar[dict[str, list[str]]]
     #: Default `dpo.beta` for this family's objective.
     default_dpo_beta: ClassVar[float] = 1000.0
-    #: What DPO trains on pairs, when it is not the SFT terms: "errors" = the family computes
-    #: per-sample flow errors itself (`preference_errors`, BAGEL's packed sequences).
-    preference_terms: ClassVar[tuple[str, ...] | None] = None
+    # -- what the config check asks (`check_config`): declarations, no code per family --------
+    #: `training.mode` values this family trains: "t2i" (prompt only) and/or "i2i" (edits).
+    modes: ClassVar[tuple[str, ...]] = ("t2i",)
+    #: Control images one sample may have (0: none; None: any number).
+    max_control_images: ClassVar[int | None] = 0
+    #: `training.method` values this family supports.
+    methods: ClassVar[tuple[str, ...]] = ("sft", "dpo", "grpo")
+    #: The family's own config section (a dataclass), the top-level YAML section named like
+    #: the family (`bagel:`); None: the family has none.
+    options: ClassVar[type | None] = None
+    #: Old key -> its key in the family section; the old one is still read, with a warning.
+    renamed_keys: ClassVar[dict[str, str]] = {}
+    #: What the denoiser is trained to predict: "epsilon" (DDPM noise / v) or "flow" (velocity);
+    #: decides which of model.prediction_type, training.snr_gamma / weighting_scheme act.
+    objective_kind: ClassVar[str] = "flow"
+    #: Whether the denoiser has a guidance embedding (then model.guidance_scale acts).
+    guidance_distilled: ClassVar[bool] = False
+    #: Whether `model.train_text_encoder` is supported.
+    text_encoder_trainable: ClassVar[bool] = False
+    #: Schema keys this family never reads -> why; setting one to a non-default value is an error.
+    ignored_keys: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """The config rules that follow from the declarations above (called by `config_from_dict`
+        before anything is loaded). Families with more rules extend it."""
+        from glm_training.config import schema_default
+
+        mode, method = cfg.training.mode, cfg.training.method
+        if mode not in cls.modes:
+            if mode == "i2i":
+                edit = [name for name in family_names() if "i2i" in family_class(name).modes]
+                raise ConfigError(f"training.mode: i2i needs an edit family ({', '.join(edit)}); "
+                                  f"{cls.name} has no control-image input.")
+            t2i = [name for name in family_names() if "t2i" in family_class(name).modes]
+            raise ConfigError(f"model.family: {cls.name} is an edit model; set training.mode: i2i "
+                              f"or use a text-to-image family ({', '.join(t2i)}).")
+        if cfg.logging.sample_control_images and cls.max_control_images == 0:
+            raise ConfigError(f"logging.sample_control_images: {cls.name} takes no control images; remove them.")
+        if method not in cls.methods:
+            raise ConfigError(f"training.method: {method} is not supported by {cls.name}; "
+                              f"use one of {list(cls.methods)}.")
+        model, training = cfg.model, cfg.training
+        if model.max_sequence_length is not None and getattr(cls, "max_sequence_length", None) is None:
+            raise ConfigError(f"model.max_sequence_length: {cls.name} has no text length to set; remove it.")
+        if model.guidance_scale is not None and not cls.guidance_distilled:
+            raise ConfigError(f"model.guidance_scale: {cls.name} has no guidance embedding (only guidance-distilled "
+                              "families such as flux_kontext use it); remove it, and set the sampling guidance "
+                              "with logging.sample_guidance_scale / grpo.guidance_scale.")
+        if model.train_text_encoder and not cls.text_encoder_trainable:
+            raise ConfigError(f"model.train_text_encoder: not supported for {cls.name} (its text encoder stays "
+                              "frozen); set it to false.")
+        if cls.objective_kind != "epsilon":
+            if model.prediction_type is not None:
+                raise ConfigError(f"model.prediction_type: {cls.name} is trained with flow matching (velocity "
+                                  "target); prediction_type applies to epsilon families only. Remove it.")
+            if training.snr_gamma is not None:
+                raise ConfigError(f"training.snr_gamma: min-SNR weighting applies to epsilon families; {cls.name} "
+                                  "is flow matching: use training.weighting_scheme instead, or remove it.")
+        elif training.weighting_scheme != "none":
+            raise ConfigError(f"training.weighting_scheme: {training.weighting_scheme!r} is a flow-matching timestep "
+                              f"density; {cls.name} is an epsilon family: use training.snr_gamma instead, or set "
+                              "it to none.")
+        for key, why in cls.ignored_keys.items():
+            section, name = key.split(".")
+            if getattr(getattr(cfg, section), name) != schema_default(key):
+                raise ConfigError(f"{key}: {cls.name} does not use it ({why}); remove it.")
 
     def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
         self.cfg = cfg
@@ -88,10 +160,55 @@ class ModelFamily(ABC):
         """Load weights from `self.model_path` into `self.modules` (frozen parts in eval mode)."""
 
     def from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype | None = None) -> Any:
-        """`cls.from_pretrained` of one subfolder of the checkpoint, with `model.revision` / `variant`."""
+        """`cls.from_pretrained` of one subfolder of the checkpoint, with `model.revision` / `variant`.
+        A path or hub id that cannot be loaded (missing, not a pipeline, another family's
+        pipeline, a hub id while offline) raises ConfigError naming the key and what to do."""
+        import json
+        import os
+
         kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-        return cls.from_pretrained(self.model_path, subfolder=subfolder, revision=self.cfg.model.revision,
-                                   variant=self.cfg.model.variant, **kwargs)
+        try:
+            return cls.from_pretrained(self.model_path, subfolder=subfolder, revision=self.cfg.model.revision,
+                                       variant=self.cfg.model.variant, **kwargs)
+        except OSError as error:  # EnvironmentError: what diffusers / transformers raise for all of these
+            key, path = "model.pretrained_model_name_or_path", self.model_path
+            local = Path(path).expanduser()
+            if local.is_dir():
+                index = local / "model_index.json"
+                found = None
+                if index.is_file():
+                    try:
+                        found = json.loads(index.read_text()).get("_class_name")
+                    except (OSError, ValueError):
+                        pass
+                # Pipelines each family loads (model_index.json `_class_name`), to name the mismatch.
+                expected = {"sdxl": "StableDiffusionXLPipeline", "flux_kontext": "FluxKontextPipeline",
+                            "qwen_image": "QwenImagePipeline", "qwen_image_edit": "QwenImageEditPipeline",
+                            "qwen_image_edit_plus": "QwenImageEditPlusPipeline",
+                            "glm_image": "GlmImagePipeline"}.get(self.name)
+                if found and expected and found != expected:
+                    raise ConfigError(
+                        f"{key}: {path} holds a {found} (model_index.json), but model.family {self.name} loads a "
+                        f"{expected}: set model.family to the family of this model, or point {key} at a "
+                        f"{expected} folder. (Loading {subfolder}/ failed: {error})") from None
+                if not (local / subfolder).is_dir():
+                    what = f"a {found} without {subfolder}/" if found else "not a diffusers pipeline folder"
+                    raise ConfigError(f"{key}: {path} is {what} (model.family {self.name} loads {subfolder}/ "
+                                      f"from it); point {key} at the folder with model_index.json of a "
+                                      f"{expected or self.name} pipeline.") from None
+                raise ConfigError(f"{key}: cannot load {path}/{subfolder} ({type(error).__name__}: {error}); the "
+                                  "folder may be incomplete or damaged: download it again.") from None
+            if path.startswith(("/", ".", "~")) or path.count("/") > 1:  # a hub id is owner/name
+                raise ConfigError(f"{key}: {path} does not exist; give a local pipeline folder or a hub id "
+                                  "(owner/name).") from None
+            if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+                raise ConfigError(f"{key}: {path} is not a local folder and is not in the Hugging Face cache, and "
+                                  "HF_HUB_OFFLINE is set, so it cannot be downloaded: pass a local folder (e.g. "
+                                  f"`huggingface-cli download {path} --local-dir ./models/...`) or unset "
+                                  "HF_HUB_OFFLINE.") from None
+            raise ConfigError(f"{key}: cannot load {subfolder}/ of hub model {path} ({type(error).__name__}: "
+                              f"{error}); check the id, model.revision, your network and your token "
+                              "(`huggingface-cli login` for gated models).") from None
 
     def components(self) -> dict[str, nn.Module]:
         """The trainable parts by name."""
@@ -140,10 +257,29 @@ class ModelFamily(ABC):
             if lora.enabled:
                 settings = self.component_lora(name)  # global lora values, per-component overrides
                 targets = settings["target_modules"]
-                module.add_adapter(PeftLoraConfig(
+                peft_config = PeftLoraConfig(
                     r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
                     init_lora_weights=True if settings["init"] == "default" else settings["init"],
-                    target_modules=targets))
+                    target_modules=targets)
+                # Checked before add_adapter: peft's own error names neither the config key nor the modules.
+                from peft.tuners.tuners_utils import check_target_module_exists
+
+                module_names = [n for n, _ in module.named_modules() if n]
+                if not any(check_target_module_exists(peft_config, n) for n in module_names):
+                    override = lora.components.get(name)
+                    key = (f"lora.components.{name}.target_modules" if override is not None and override.target_modules
+                           else "lora.text_encoder_target_modules" if name.startswith("text_encoder")
+                           else "lora.target_modules" if lora.target_modules
+                           else f"the default LoRA targets of {self.name}")
+                    import collections
+
+                    # The most repeated layer names first: those are the usual LoRA targets (to_q, ...).
+                    leaves = collections.Counter(".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit()
+                                                 else n.split(".")[-1] for n, m in module.named_modules()
+                                                 if n and isinstance(m, (nn.Linear, nn.Conv2d)))
+                    raise ConfigError(f"{key}: {targets} match no module of {name}; name the last part(s) of its "
+                                      f"Linear/Conv layer names, e.g. {[n for n, _ in leaves.most_common(12)]}.")
+                module.add_adapter(peft_config)
                 if not any(p.requires_grad for p in module.parameters()):
                     raise ConfigError(f"lora.target_modules {targets} matched no module of {name}.")
                 # Trainable LoRA weights in fp32 even when the base is fp16/bf16 (stable updates).
@@ -181,10 +317,25 @@ class ModelFamily(ABC):
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ValueError(
-                "Checkpoint does not match the trainable parameters of this config "
+            raise ConfigError(
+                "the checkpoint does not match the trainable parameters of this config "
                 f"({len(missing)} missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
-                f"e.g. {unexpected[:3]}). Was it written with the same model.component and lora settings?")
+                f"e.g. {unexpected[:3]}). Was it written with the same model.component and lora settings "
+                "(lora.target_modules, lora.components)?")
+        wrong = [(key, tuple(state[key].shape), tuple(tensor.shape)) for key, tensor in expected.items()
+                 if tuple(state[key].shape) != tuple(tensor.shape)]
+        if wrong:
+            lora_shaped = all(".lora_A." in k or ".lora_B." in k for k, _, _ in wrong)
+            ranks = {saved[0] if ".lora_A." in k else saved[-1] for k, saved, _ in wrong if lora_shaped and saved}
+            changed = (f"lora.rank (or lora.components.<name>.rank) changed: the checkpoint was trained with rank "
+                       f"{sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)}, this config asks for "
+                       f"{self.cfg.lora.rank}" if lora_shaped else
+                       "the model (model.pretrained_model_name_or_path) or its trained components differ")
+            listing = "; ".join(f"{k}: saved {list(a)}, expected {list(b)}" for k, a, b in wrong[:3])
+            raise ConfigError(f"{len(wrong)} tensor(s) of the checkpoint have other shapes than this config's "
+                              f"({listing}{'; ...' if len(wrong) > 3 else ''}): {changed}. Resume with the "
+                              "settings the checkpoint was written with (its run folder's config.yaml), or "
+                              "start a new run.")
         with torch.no_grad():
             for key, tensor in expected.items():
                 tensor.copy_(state[key].to(tensor.device, tensor.dtype))
@@ -250,6 +401,114 @@ class ModelFamily(ABC):
 
         return fingerprint_model_dir(self.model_path, self.cfg.model.revision, self.cfg.model.variant)
 
+    # ------------------------------------------------------------------------------------------
+    # Trainable parts and what trainers ask of the family as a whole
+
+    @abstractmethod
+    def make_parts(self) -> list[Any]:
+        """The trained parts of this run (`model.component`), each an instance of a kind from
+        `glm_training.parts` (Denoiser, TokenPolicy) bound to this family's hooks."""
+
+    def parts(self) -> list[Any]:
+        """The trained parts (built once; they hold the run's encoder and sampler)."""
+        if getattr(self, "_parts", None) is None:
+            self._parts = self.make_parts()
+        return self._parts
+
+    def dataset(self, records: list, layout: str) -> torch.utils.data.Dataset:
+        """The torch dataset of `records`: "images" (SFT targets), "pairs" (DPO) or "prompts"."""
+        from glm_training.data import datasets as ds
+
+        data, seed = self.cfg.data, self.cfg.training.seed
+        if data.buckets and layout != "images":
+            raise ConfigError(f"data.buckets: not supported by training.method {self.cfg.training.method} yet "
+                              "(SFT only); set data.buckets: false.")
+        if layout == "prompts":
+            return ds.PromptDataset(records, data.resolution)
+        if layout == "pairs":
+            return ds.PreferenceDataset(records, data.resolution, data.center_crop, data.random_flip, seed=seed)
+        buckets = None
+        if data.buckets:
+            try:
+                buckets = ds.make_buckets(data.resolution, self.resolution_multiple, tuple(data.bucket_aspect_range),
+                                          data.bucket_step)
+            except ds.DataError as error:
+                raise ConfigError(str(error)) from None
+        return ds.ImageDataset(records, data.resolution, data.center_crop, data.random_flip, seed=seed,
+                               buckets=buckets)
+
+    def prepare(self, records: list, caption_dropout: float | None = None, use_cache: bool = True) -> None:
+        """Bind the run's records to every part (and to helpers a family keeps, e.g. a frozen decoder)."""
+        for part in self.parts():
+            part.prepare(records, caption_dropout, use_cache)
+
+    def setup_rollouts(self, steps: int, guidance_scale: float, noise_level: float,
+                       sde_window: list[int] | None = None) -> None:
+        """GRPO: the parts' rollout samplers (`grpo.sample_steps`, guidance, SDE noise level / window)."""
+        for part in self.parts():
+            part.setup_rollouts(steps, guidance_scale, noise_level, sde_window)
+
+    def rollout(self, batch: dict[str, Any], group: int, seed: int, step: int) -> "Generation":
+        """GRPO: `group` members per prompt of `batch` sampled with the current trained parts ->
+        the images and each trained part's rollout record. A family with one trained denoiser
+        needs nothing more; families whose parts chain (GLM-Image: AR tokens -> DiT) override it."""
+        from glm_training.parts.common import SALT_ROLLOUT, member_generators
+
+        (part,) = self.parts()
+        generators = member_generators(seed, step, batch["index"], group, SALT_ROLLOUT)
+        record, images = part.rollout(batch, group, generators)
+        return Generation(images, {part.name: record})
+
+    def eval_images(self, batch: dict[str, Any], records: list, seed: int, steps: int,
+                    guidance_scale: float) -> "Generation":
+        """Deterministic samples (ODE, fixed seeds) of every prompt of `batch` for evaluation."""
+        (part,) = self.parts()
+        return Generation(part.decode(batch, 1, part.eval_noise(len(batch["prompt"]), seed), steps,
+                                      guidance_scale, records), {})
+
+
+class Generation:
+    """What a rollout or an evaluation produced: images in [0, 1] (B*G, 3, H, W), each trained
+    part's record, and per-member metadata for rewards (e.g. the sampled image tokens)."""
+
+    def __init__(self, images: torch.Tensor, records: dict[str, Any], metadata: list[dict] | None = None):
+        self.images, self.records, self.metadata = images, records, metadata
+
+
+@runtime_checkable
+class DenoiserHooks(Protocol):
+    """What a family gives its denoiser part (`glm_training.parts.Denoiser`): the shared code builds
+    the SFT loss, Diffusion-DPO, the ODE/SDE/DDIM sampler, Flow-GRPO / DDPO and DiffusionNFT from it."""
+
+    objective: Any  # EpsilonObjective or FlowMatchingObjective: noise, target, loss weights, schedule
+
+    def encode_prompt(self, prompts: list[str], control_images: list | None = None) -> dict[str, torch.Tensor]: ...
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor: ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]: ...
+
+    def condition(self, prompt_embeds: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, Any]: ...
+
+    def predict(self, noisy_latents: torch.Tensor, timesteps: torch.Tensor, condition: dict[str, Any]
+                ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TokenPolicyHooks(Protocol):
+    """What a token-policy part (`glm_training.parts.TokenPolicy`) implements: teacher-forced
+    per-token log-probs, and sampling with the log-probs of the distribution sampled from. From
+    these the shared code builds token CE, token DPO and token GRPO."""
+
+    def token_logprobs(self, prompts: list[str], *, tokens: torch.Tensor | None = None,
+                       target_pixels: torch.Tensor | None = None, controls: list | None = None,
+                       temperature: float = 1.0) -> torch.Tensor: ...
+
+    def sample_tokens(self, prompts: list[str], *, seed: int, temperature: float = 1.0,
+                      controls: list | None = None) -> dict[str, torch.Tensor]: ...
+
 
 class DiffusionFamily(ModelFamily):
     """A family trained with a denoising objective on latents."""
@@ -258,10 +517,6 @@ class DiffusionFamily(ModelFamily):
     prompt_uses_images: ClassVar[bool] = False
     #: Image sides must be multiples of this (VAE factor x patch size); buckets round to it.
     resolution_multiple: ClassVar[int] = 8
-    #: Losses of the trained components, summed by SFT (and used by DPO / GRPO): "denoising" (the
-    #: objective on latents) and, for families with a token side (GLM-Image's AR), "tokens"
-    #: (`token_sft_loss`, `image_token_logprobs`).
-    sft_loss_terms: tuple[str, ...] = ("denoising",)
     #: Whether `model.train_text_encoder` is supported (SDXL); the others keep their encoders frozen.
     text_encoder_trainable: ClassVar[bool] = False
 
@@ -275,6 +530,13 @@ class DiffusionFamily(ModelFamily):
                               f"{self.resolution_multiple} for {self.name} (VAE downsampling x patch size).")
 
     objective: Any  # EpsilonObjective or FlowMatchingObjective, set by load()
+
+    def make_parts(self) -> list[Any]:
+        """One denoiser named after `model.component` (its text encoders, when trained, train
+        through the denoiser's loss)."""
+        from glm_training.parts import Denoiser
+
+        return [Denoiser(self, self.component_group)]
 
     def load_autoencoder(self, cls: Any) -> Any:
         """The VAE on the device, in float32 unless its config says half precision is safe
@@ -353,11 +615,23 @@ _FAMILIES = {
 }
 
 
+def register_family(name: str, cls_or_path: type[ModelFamily] | str) -> None:
+    """Make `model.family: name` select this class (or "module:Class", imported on first use),
+    e.g. a family defined outside glm_training, or a throwaway one in a test."""
+    _FAMILIES[name] = cls_or_path
+
+
+def family_names() -> list[str]:
+    return list(_FAMILIES)
+
+
 def family_class(name: str) -> type[ModelFamily]:
     if name not in _FAMILIES:
         close = difflib.get_close_matches(name, list(_FAMILIES), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"model.family: unknown family {name!r}.{hint} Available: {sorted(_FAMILIES)}.")
+    if not isinstance(_FAMILIES[name], str):
+        return _FAMILIES[name]
     module_name, class_name = _FAMILIES[name].split(":")
     try:
         module = importlib.import_module(module_name)
@@ -369,8 +643,10 @@ def family_class(name: str) -> type[ModelFamily]:
     return getattr(module, class_name)
 
 
-def build_family(cfg: Config, device: torch.device | str = "cpu") -> ModelFamily:
+def build_family(cfg: Config, device: torch.device | str = "cpu", load: bool = True) -> ModelFamily:
+    """The family of `model.family`; with `load=False` only its declarations and parts (no weight read)."""
     cls = family_class(cfg.model.family)
     family = cls(cfg, torch.device(device), resolve_weight_dtype(cfg))
-    family.load()
+    if load:
+        family.load()
     return family

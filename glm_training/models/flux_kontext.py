@@ -36,6 +36,9 @@ class FluxKontextFamily(DiffusionFamily):
     default_lora_targets = {"transformer": FLUX_ATTENTION_TARGETS}
     default_dpo_beta = 1000.0  # flow-matching DPO (ALGORITHMS.md: ~100-2000; FLUX LoRA spiked at 500)
     resolution_multiple = 16  # VAE 8x, then 2x2 packing
+    modes = ("t2i", "i2i")
+    max_control_images = 1
+    guidance_distilled = True  # model.guidance_scale feeds the guidance embedding
     #: T5 tokens per prompt: what FLUX.1 Kontext dev was trained with and the pipeline's default.
     max_sequence_length = 512
 

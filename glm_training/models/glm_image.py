@@ -41,7 +41,10 @@ import torch
 from glm_training.algorithms.objectives import FlowMatchingObjective, FlowShift
 from glm_training.config import ConfigError
 from glm_training.models import glm_image_ar as ar_lib
-from glm_training.models.base import DiffusionFamily
+from glm_training.models.base import DiffusionFamily, Generation
+from glm_training.parts import Denoiser, TokenPolicy
+from glm_training.parts.common import SALT_DECODE, SALT_ROLLOUT, member_generators, seeded_int
+from glm_training.data.datasets import sample_generator
 from glm_training.models.glm_image_support import (FixedGlmImagePipeline, image_tokens_per_image,
                                                    upsample_image_tokens)
 
@@ -92,6 +95,8 @@ class GlmImageFamily(DiffusionFamily):
         "ar": ["q_proj", "k_proj", "v_proj", "o_proj"],
     }
     resolution_multiple = 32
+    modes = ("t2i", "i2i")
+    max_control_images = None  # one or more source images per sample
     #: Glyph-encoder token limit, the pipeline's default.
     max_sequence_length = 2048
 
@@ -184,6 +189,54 @@ class GlmImageFamily(DiffusionFamily):
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config))
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    # -- parts: [token policy "ar", denoiser "dit"]; the AR's tokens condition the DiT -----------
+
+    def make_parts(self) -> list[Any]:
+        self.ar_part, self.dit_part = GlmImageAr(self, "ar"), GlmImageDit(self, "dit")
+        return [part for part in (self.ar_part, self.dit_part) if part.name in self.trained]
+
+    def prepare(self, records: list, caption_dropout: float | None = None, use_cache: bool = True) -> None:
+        self.parts()
+        for part in (self.ar_part, self.dit_part):  # the untrained one still samples (GRPO)
+            part.prepare(records, caption_dropout, use_cache)
+
+    def setup_rollouts(self, steps: int, guidance_scale: float, noise_level: float,
+                       sde_window: list[int] | None = None) -> None:
+        if guidance_scale != 1.0:
+            raise ConfigError("grpo.guidance_scale with grpo.train_cfg: GLM-Image decodes the AR's tokens without "
+                              "classifier-free guidance; set grpo.guidance_scale: 1.0 (or train_cfg: false).")
+        self.dit_part.setup_rollouts(steps, 1.0, noise_level, sde_window)
+
+    def sample_decoded(self, batch: dict[str, Any], group: int, token_seed: int, seed: int, step: int,
+                       steps: int, records: list | None = None, rollout: bool = True) -> Generation:
+        """AR tokens (`token_seed`), decoded by the DiT: in a rollout of a trained DiT with the SDE
+        and a record (own noise per member), else with the ODE (noise shared within a group, so
+        rewards differ by the tokens only)."""
+        tokens = self.ar_part.rollout(batch, group, token_seed)
+        inputs = {"prior_token_ids": tokens.outputs["prior_token_ids"]}
+        metadata = [{"image_tokens": row.tolist()} for row in tokens.tokens.cpu()]
+        records_out: dict[str, Any] = {"ar": tokens} if "ar" in self.trained else {}
+        if "dit" in self.trained and rollout:
+            generators = member_generators(seed, step, batch["index"], group, SALT_DECODE)
+            records_out["dit"], images = self.dit_part.rollout(batch, group, generators, inputs=inputs)
+        else:
+            size = self.cfg.data.resolution
+            shape = self.latent_shape(size, size)
+            noise = torch.stack([torch.randn(shape, generator=sample_generator(seed, token_seed, int(index), SALT_DECODE))
+                                 for index in batch["index"]]).repeat_interleave(group, dim=0)
+            images = self.dit_part.decode(batch, group, noise, steps, 1.0, records, inputs)
+        return Generation(images, records_out, metadata)
+
+    def rollout(self, batch: dict[str, Any], group: int, seed: int, step: int) -> Generation:
+        token_seed = seeded_int(seed, step, int(batch["index"][0]), SALT_ROLLOUT)
+        return self.sample_decoded(batch, group, token_seed, seed, step, self.cfg.grpo.sample_steps)
+
+    def eval_images(self, batch: dict[str, Any], records: list, seed: int, steps: int,
+                    guidance_scale: float) -> Generation:
+        """Tokens sampled at `seed`, decoded with the ODE in `steps` steps (no CFG)."""
+        generation = self.sample_decoded(batch, 1, seed, self.cfg.training.seed, 0, steps, records, rollout=False)
+        return Generation(generation.images, {}, generation.metadata)
 
     # -- diffusion interface ----------------------------------------------------------------------
 
@@ -322,11 +375,6 @@ class GlmImageFamily(DiffusionFamily):
 
     # -- AR (token) interface ---------------------------------------------------------------------
 
-    @property
-    def sft_loss_terms(self) -> tuple[str, ...]:
-        """SFT losses of the trained components: DiT flow loss, AR image-token CE, or both (summed)."""
-        return tuple(term for name, term in (("dit", "denoising"), ("ar", "tokens")) if name in self.trained)
-
     def ar_prompt(self, prompts: list[str], height: int, width: int,
                   control_pixels: list[torch.Tensor] | None = None) -> ar_lib.ArPrompt:
         """The AR prompt of a batch; `control_pixels` is a list over control images of (B, 3, h, w)."""
@@ -378,9 +426,6 @@ class GlmImageFamily(DiffusionFamily):
         return out
 
     # -- token preference / policy training (DPO, GRPO on the AR) ---------------------------------
-
-    #: `dpo.beta` default of the token side (TRL's sigmoid DPO on summed sequence log-probs).
-    default_token_dpo_beta = 0.1
 
     def image_token_logprobs_per_token(self, batch: dict[str, Any], temperature: float = 1.0) -> torch.Tensor:
         """(B, N) float32 log-prob of each image token (generation order) under the model's
@@ -472,8 +517,10 @@ class GlmImageFamily(DiffusionFamily):
             if (path / "config.json").is_file():
                 self.modules["dit"] = type(module).from_pretrained(path, torch_dtype=self.weight_dtype).to(self.device)
             else:
-                file = path / LORA_WEIGHT_NAME if path.is_dir() else path
-                module.load_lora_adapter(str(file), prefix="transformer")
+                from glm_training.models.lora_io import load_lora_adapter_file
+
+                # Through the file's metadata: its lora_alpha, not the rank (see load_lora_adapter_file).
+                load_lora_adapter_file(module, path / LORA_WEIGHT_NAME if path.is_dir() else path, "transformer")
         self.modules[name].eval().requires_grad_(False)
 
 
@@ -483,7 +530,8 @@ class GlmImageFamily(DiffusionFamily):
 
 def save_dit_lora(transformer: torch.nn.Module, out_dir: Path) -> Path:
     """The DiT LoRA with `transformer.`-prefixed peft keys and the adapter config in the safetensors
-    metadata (the layout diffusers' `load_lora_adapter(..., prefix="transformer")` reads)."""
+    metadata (the layout diffusers' `load_lora_adapter(dir, weight_name=LORA_WEIGHT_NAME, prefix="transformer")`
+    reads; without `weight_name` / `use_safetensors=True` diffusers ignores the metadata and the alpha)."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import save_file
 
@@ -508,6 +556,11 @@ def load_peft_adapter_weights(model: torch.nn.Module, folder: Path) -> None:
     file = Path(folder) / "adapter_model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"lora.pretrained_weight: {file} does not exist (expected a peft adapter folder).")
+    from glm_training.models.lora_io import check_pretrained_alpha
+
+    config_file = Path(folder) / "adapter_config.json"
+    if config_file.is_file():
+        check_pretrained_alpha(model, json.loads(config_file.read_text()).get("lora_alpha"), file, "ar")
     prefix = "base_model.model."
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in load_file(str(file)).items()}
     result = set_peft_model_state_dict(model, state)
@@ -526,7 +579,9 @@ def load_glm_image_lora(pipeline: Any, path: str | Path, adapter_name: str = "de
     loaded = []
     dit_file = path / LORA_WEIGHT_NAME if path.is_dir() else path
     if dit_file.is_file():
-        pipeline.transformer.load_lora_adapter(str(dit_file), prefix="transformer", adapter_name=adapter_name)
+        from glm_training.models.lora_io import load_lora_adapter_file
+
+        load_lora_adapter_file(pipeline.transformer, dit_file, "transformer", adapter_name)
         loaded.append("dit")
     ar_dir = path / AR_ADAPTER_DIR
     if ar_dir.is_dir():
@@ -540,3 +595,51 @@ def load_glm_image_lora(pipeline: Any, path: str | Path, adapter_name: str = "de
 
 __all__ = ["GlmImageFamily", "GlmImageFlowShift", "load_glm_image_lora", "save_dit_lora",
            "image_tokens_per_image"]
+
+
+class GlmImageAr(TokenPolicy):
+    """The AR generator as a token policy: image tokens (preview + full grid) after the prompt."""
+
+    def token_logprobs(self, prompts, *, tokens=None, target_pixels=None, controls=None, temperature=1.0):
+        return self.family.image_token_logprobs_per_token(self._batch(prompts, tokens, target_pixels, controls),
+                                                          temperature=temperature)
+
+    def token_ce(self, prompts, target_pixels, controls=None):
+        return self.family.token_sft_loss(self._batch(prompts, None, target_pixels, controls))
+
+    def sample_tokens(self, prompts, *, seed, temperature=1.0, controls=None):
+        size = self.cfg.data.resolution
+        out = self.family.generate_image_tokens(prompts, height=size, width=size, seed=seed,
+                                                control_pixels=controls, temperature=temperature)
+        return {"tokens": out["tokens"], "logprobs": out["logprobs"], "prior_token_ids": out["prior_token_ids"]}
+
+    def _batch(self, prompts, tokens, target_pixels, controls) -> dict[str, Any]:
+        """The family's AR batch: with `tokens` given, the pixels only set the size."""
+        if target_pixels is None:
+            size = self.cfg.data.resolution
+            target_pixels = torch.zeros(len(prompts), 3, size, size)
+        batch: dict[str, Any] = {"prompt": list(prompts), "pixel_values": target_pixels}
+        if tokens is not None:
+            batch["image_tokens"] = tokens
+        if controls is not None:
+            batch["control_pixel_values"] = controls
+        return batch
+
+
+class GlmImageDit(Denoiser):
+    """The DiT decoder: its condition carries prior tokens, the target image's own (SFT, DPO) or
+    the AR's samples (`inputs["prior_token_ids"]`, GRPO)."""
+
+    def generation_conditions(self, batch, repeats, guidance_scale, records=None, inputs=None):
+        if not inputs or "prior_token_ids" not in inputs:
+            raise ConfigError("GLM-Image's DiT samples from prior tokens: decode the AR's tokens "
+                              "(GlmImageFamily.sample_decoded).")
+        size = self.cfg.data.resolution
+        records = self.records if records is None else records
+        prompts = [p for p in batch["prompt"] for _ in range(repeats)]
+        controls = batch.get("control_pixel_values")
+        if controls is not None:
+            controls = [g.repeat_interleave(repeats, dim=0).to(self.device) for g in controls]
+        control_paths = [records[i].controls for i in batch["index"] for _ in range(repeats)]
+        embeds = self.encoder.encode_prompts(prompts, control_paths, controls)
+        return self.family.condition_from_prior_tokens(embeds, inputs["prior_token_ids"], size, size, controls), None

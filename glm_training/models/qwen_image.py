@@ -64,6 +64,7 @@ class QwenImageFamily(DiffusionFamily):
     max_sequence_length: ClassVar[int] = 512
     #: Control images a sample may have (None = no limit).
     max_controls: ClassVar[int | None] = 0
+    max_control_images = 0
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)
@@ -298,6 +299,8 @@ class QwenImageEditFamily(QwenImageFamily):
     #: One control image (training.mode: i2i and the data checks require it; none would only come
     #: from data.control_dropout, which this template cannot encode).
     max_controls = 1
+    modes = ("i2i",)
+    max_control_images = 1
     #: The edit pipelines do not truncate the text (the vision tokens are part of it).
     max_sequence_length = 1024
 
@@ -394,6 +397,7 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
     name = "qwen_image_edit_plus"
     pipeline_class_name = "QwenImageEditPlusPipeline"
     max_controls = None
+    max_control_images = None
 
     def _vl_images(self, pipe, pils: list) -> list:
         module = self.pipeline_module

@@ -26,6 +26,7 @@ class SDXLFamily(DiffusionFamily):
     default_lora_targets = {"unet": ["to_k", "to_q", "to_v", "to_out.0"]}
     default_dpo_beta = 5000.0
     text_encoder_trainable = True
+    objective_kind = "epsilon"  # DDPM noise (or v) prediction
 
     def __init__(self, cfg, device, weight_dtype):
         super().__init__(cfg, device, weight_dtype)

@@ -12,6 +12,12 @@
 
 Each reward may also set its own `device` and `batch_size`. Rewards whose weight is 0 (including
 rewards left out of the selected component's `weights`) are neither built nor run.
+
+`on_error` (raise | zero | skip_group) says what a reward that raises, or returns NaN/inf, does
+to its samples: `raise` stops with a message naming the reward and the samples; `zero` scores
+them 0; `skip_group` gives them a NaN total, and GRPO (`compute_advantages`) then masks every
+group holding one. A reward that raises fails its whole chunk (`batch_size` samples). Failures
+are logged as warnings and counted in `log_stats` as `reward/failed_samples`.
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from glm_training.rewards.external import as_scores
 
 logger = logging.getLogger(__name__)
 
-TOP_LEVEL_KEYS = ("device", "batch_size", "rewards", "weights")
+TOP_LEVEL_KEYS = ("device", "batch_size", "rewards", "weights", "on_error")
+ON_ERROR = ("raise", "zero", "skip_group")
+CONTINUE_HINT = ("set reward.on_error: zero (score failed samples 0) or skip_group (drop their GRPO groups) "
+                 "to continue past failed samples")
 # Options the calculator takes from each reward's entry (the rest go to the reward type).
 CALCULATOR_OPTIONS = ("type", "weight", "batch_size")
 
@@ -41,11 +50,16 @@ class RewardCalculator:
     `(reward, weight, batch_size)` to give that reward its own chunk size. Calling it returns
     `(total, per_reward)`: `total` is the (B,) float32 CPU tensor `sum_k weight_k * reward_k`,
     `per_reward` holds each reward's unweighted (B,) scores. Any failure raises `RewardError`
-    naming the reward.
+    naming the reward and the samples, unless `on_error` (module docstring) says to continue.
     """
 
     def __init__(self, rewards: Mapping[str, tuple], device: str | torch.device | None = None,
-                 batch_size: int = 8):
+                 batch_size: int = 8, on_error: str = "raise"):
+        if on_error not in ON_ERROR:
+            raise ConfigError(f"reward.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}.")
+        self.on_error = on_error
+        # Samples (indices of the last call) that some reward failed on, per reward.
+        self.last_failures: dict[str, list[int]] = {}
         if not rewards:
             raise ValueError("RewardCalculator needs at least one reward.")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -72,24 +86,38 @@ class RewardCalculator:
         return list(self.rewards)
 
     def score(self, name: str, inputs: RewardInputs) -> torch.Tensor:
-        """Unweighted (B,) float32 CPU scores of one reward, in chunks of its batch size."""
+        """Unweighted (B,) float32 CPU scores of one reward, in chunks of its batch size; samples
+        it failed on are NaN (on_error zero / skip_group) or raise RewardError (on_error raise)."""
         reward, chunk, batch = self.rewards[name], self.batch_sizes[name], len(inputs)
         parts = []
         for start in range(0, batch, chunk):
             part = inputs.slice(start, min(start + chunk, batch))
+            stop = start + len(part) - 1
             try:
                 scores = as_scores(reward(part))
-            except RewardError:
-                raise
+                if scores.shape[0] != len(part):
+                    raise RewardError(name, f"returned {scores.shape[0]} scores for {len(part)} images.")
             except Exception as error:
-                raise RewardError(name, f"failed on images {start}..{start + len(part) - 1}: "
-                                        f"{type(error).__name__}: {error}") from error
-            if scores.shape[0] != len(part):
-                raise RewardError(name, f"returned {scores.shape[0]} scores for {len(part)} images.")
+                detail = str(error) if isinstance(error, RewardError) else f"{type(error).__name__}: {error}"
+                if self.on_error == "raise":
+                    if isinstance(error, RewardError):
+                        raise RewardError(name, f"on samples {start}..{stop}: {detail.split(': ', 1)[-1]} "
+                                                f"To continue, {CONTINUE_HINT}.") from error
+                    raise RewardError(name, f"failed on images {start}..{stop}: {detail}. To continue, "
+                                            f"{CONTINUE_HINT}.") from error
+                logger.warning("Reward %r failed on samples %d..%d (reward.on_error: %s): %s", name, start, stop,
+                               self.on_error, detail)
+                scores = torch.full((len(part),), float("nan"))
             bad = (~torch.isfinite(scores)).nonzero().flatten()
             if len(bad):
-                raise RewardError(name, f"returned non-finite scores {scores[bad].tolist()} at images "
-                                        f"{(bad + start).tolist()}.")
+                if self.on_error == "raise":
+                    raise RewardError(name, f"returned non-finite scores {scores[bad].tolist()} at images "
+                                            f"{(bad + start).tolist()}. To continue, {CONTINUE_HINT}.")
+                if not torch.isnan(scores).all():  # not already warned for as a raised chunk
+                    logger.warning("Reward %r returned non-finite scores at samples %s (reward.on_error: %s).",
+                                   name, (bad + start).tolist(), self.on_error)
+                scores = scores.clone()
+                scores[bad] = float("nan")
             parts.append(scores)
         return torch.cat(parts) if parts else torch.zeros(0)
 
@@ -102,24 +130,35 @@ class RewardCalculator:
                 source_images=None if inputs.source_images is None else inputs.source_images.to(self.device),
                 metadata=inputs.metadata)
         per_reward = {name: self.score(name, inputs) for name in self.rewards}
+        self.last_failures = {name: torch.isnan(scores).nonzero().flatten().tolist()
+                              for name, scores in per_reward.items() if torch.isnan(scores).any()}
+        if self.on_error == "zero":
+            per_reward = {name: torch.nan_to_num(scores, nan=0.0) for name, scores in per_reward.items()}
         total = torch.zeros(len(inputs), dtype=torch.float32)
         for name, scores in per_reward.items():
-            total = total + self.weights[name] * scores
+            total = total + self.weights[name] * scores  # skip_group: NaN stays NaN in the total
         return total, per_reward
 
     def log_stats(self, total: torch.Tensor, per_reward: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """`reward/<name>_mean`, `reward/<name>_std` per reward and `reward/total_mean`, `_std`
-        (population std, so a batch of one gives 0, not NaN)."""
+        (population std, so a batch of one gives 0, not NaN), over the samples that did not fail.
+        With on_error zero / skip_group also `reward/failed_samples`: how many samples of the
+        last call some reward failed on."""
         stats: dict[str, float] = {}
         for name, scores in {**per_reward, "total": total}.items():
             scores = scores.detach().float().cpu()
+            scores = scores[~torch.isnan(scores)]
             stats[f"reward/{name}_mean"] = float(scores.mean()) if scores.numel() else float("nan")
             stats[f"reward/{name}_std"] = float(scores.std(unbiased=False)) if scores.numel() else float("nan")
+        if self.on_error != "raise":
+            failed = {i for indices in self.last_failures.values() for i in indices}
+            stats["reward/failed_samples"] = float(len(failed))
         return stats
 
     def __repr__(self) -> str:
         parts = ", ".join(f"{name}={self.weights[name]:g}" for name in self.rewards)
-        return f"RewardCalculator({parts}; batch_size={self.batch_size}, device={self.device})"
+        return (f"RewardCalculator({parts}; batch_size={self.batch_size}, device={self.device}, "
+                f"on_error={self.on_error})")
 
 
 def _closest(key: str, choices) -> str:
@@ -208,7 +247,10 @@ def build_reward_calculator(reward_cfg: Mapping[str, Any], component: str | None
     if not built:
         where = f"reward.weights.{component}" if component in (reward_cfg.get("weights") or {}) else "reward.rewards"
         raise ConfigError(f"Every reward has weight 0 (see {where}); give at least one a non-zero weight.")
-    calculator = RewardCalculator(built, device=device, batch_size=batch_size)
+    on_error = reward_cfg.get("on_error") or "raise"
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"reward.on_error: {on_error!r} is not one of {', '.join(ON_ERROR)}.")
+    calculator = RewardCalculator(built, device=device, batch_size=batch_size, on_error=on_error)
     logger.info("Rewards: %r", calculator)
     return calculator
 

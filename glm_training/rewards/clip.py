@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,12 +48,26 @@ def clear_clip_cache() -> None:
         _CACHE.clear()
 
 
-def resolve_clip_path(model: str) -> str:
-    """`tiny:<name>` -> the tiny model's folder (built once); anything else unchanged."""
-    if model.startswith("tiny:"):
-        from glm_training.models.tiny import ensure_tiny
+#: "prefix" -> function turning the name after "prefix:" into a local folder. Filled by the
+#: layers that provide such models (glm_training.models.tiny registers "tiny"), so rewards import
+#: nothing above them.
+MODEL_SOURCES: dict[str, Callable[[str], str | Path]] = {}
 
-        return str(ensure_tiny(model.split(":", 1)[1]))
+
+def register_model_source(prefix: str, resolve: Callable[[str], str | Path]) -> None:
+    """Let the reward option `model: <prefix>:<name>` name a model that `resolve(name)` provides."""
+    MODEL_SOURCES[prefix] = resolve
+
+
+def resolve_clip_path(model: str) -> str:
+    """`<prefix>:<name>` of a registered model source (`tiny:clip`) -> its folder; anything else unchanged."""
+    prefix, sep, name = model.partition(":")
+    if sep and prefix in MODEL_SOURCES:
+        return str(MODEL_SOURCES[prefix](name))
+    if sep and prefix == "tiny":
+        raise ConfigError(f"reward option model: {model!r} is a tiny test model, built by glm_training.models.tiny; "
+                          "import that module first (it registers the 'tiny:' prefix) or pass the folder of "
+                          "glm_training.models.tiny.ensure_tiny('clip').")
     return model
 
 

@@ -5,7 +5,9 @@ Gloo on CPU) and mixed precision. This class adds: optimizer and schedule from t
 gradient accumulation and clipping, atomic checkpoints with exact resume, SIGTERM/SIGINT
 handling, TensorBoard/W&B logging, sample grids, and a rank-0 progress bar.
 
-Subclasses implement `build_dataset()` and `compute_loss(batch)`; nothing else.
+Subclasses implement `build_dataset(records)` and `compute_loss(batch)` (or `backward`), and say
+which record fields their parts need (`needs_attribute`); the records are loaded and checked before
+any weight is read.
 """
 
 from __future__ import annotations
@@ -25,10 +27,13 @@ import torch
 from tqdm.auto import tqdm
 
 from glm_training.config import Config, ConfigError
-from glm_training.data.datasets import collate, make_batch_sampler
+from glm_training.data.datasets import collate, load_records, make_batch_sampler
+from glm_training.data.images import open_image
 from glm_training.models.base import ModelFamily, build_family
+from glm_training.parts import StepContext
 from glm_training.trainers.optim import build_optimizer, build_scheduler
 from glm_training.utils import checkpoint as ckpt
+from glm_training.utils.memory import memory_stats
 from glm_training.utils.tracking import Trackers, image_grid
 
 logger = logging.getLogger(__name__)
@@ -78,8 +83,8 @@ class BaseTrainer(ABC):
     # Hooks for subclasses
 
     @abstractmethod
-    def build_dataset(self) -> torch.utils.data.Dataset:
-        """The training dataset; called once the family is loaded (`self.family`)."""
+    def build_dataset(self, records: list) -> torch.utils.data.Dataset:
+        """The training dataset of the validated records; called once the family is loaded."""
 
     @abstractmethod
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -97,7 +102,27 @@ class BaseTrainer(ABC):
         return metrics
 
     def sample_images(self, step: int) -> None:
-        """Write a grid of samples from `logging.sample_prompts` (families that can sample)."""
+        """A grid of the family's samples of `logging.sample_prompts` with the current weights."""
+        log = self.cfg.logging
+        prompts = list(log.sample_prompts)
+        resolution = log.sample_resolution or self.cfg.data.resolution
+        controls = [open_image(p) for p in log.sample_control_images] or None
+        cached: dict[str, Any] = {}
+        for part in self.parts:  # with the cache on, the text encoders stay unloaded
+            cached = cached or part.cached_prompt_embeds(prompts)
+        images = self.family.sample(prompts, height=resolution, width=resolution,
+                                    num_inference_steps=log.sample_num_inference_steps,
+                                    guidance_scale=log.sample_guidance_scale, seed=log.sample_seed,
+                                    control_images=controls, **cached)
+        self.save_samples(images, prompts, step)
+
+    def save_extra_state(self, folder: Path) -> None:
+        """Every rank: write this trainer's own resumable state (GRPO: the rollout buffer) into the
+        checkpoint's tmp folder, before the rename that makes it complete. Write with
+        `ckpt.write_tensors` / `ckpt.write_json` (durable; one file per rank)."""
+
+    def load_extra_state(self, folder: Path) -> None:
+        """Every rank, on resume: read back what `save_extra_state` wrote into `folder`."""
 
     # ------------------------------------------------------------------------------------------
     # Run folder and resume
@@ -119,17 +144,26 @@ class BaseTrainer(ABC):
         return path
 
     def _prepare_run_dir(self, run_dir: Path | None) -> Path:
+        from glm_training.utils.preflight import check_output_dir
+
+        if run_dir is None and self.resume_path is not None:
+            run_dir = self.resume_path.parent  # a resumed run continues in its own folder
+        # Checked before anything is created: a bad output_dir fails here, not as an OSError.
+        check_output_dir(run_dir if run_dir is not None else self.cfg.logging.output_dir)
+        created = run_dir is None or not run_dir.exists()
+        before = ckpt.snapshot_entries(run_dir) if run_dir is not None and self.is_main else set()
         if run_dir is None:
-            if self.resume_path is not None:
-                run_dir = self.resume_path.parent  # a resumed run continues in its own folder
-            else:
-                chosen = [str(ckpt.new_run_dir(self.cfg.logging.output_dir, self.cfg.logging.project))
-                          if self.is_main else None]
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.broadcast_object_list(chosen, src=0)
-                run_dir = Path(chosen[0])
+            chosen = [str(ckpt.new_run_dir(self.cfg.logging.output_dir, self.cfg.logging.project))
+                      if self.is_main else None]
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.broadcast_object_list(chosen, src=0)
+            run_dir = Path(chosen[0])
+        # What a failed start must undo (cli.main calls ckpt.discard_failed_start with it).
+        self.run_start = ckpt.RunStart(run_dir, created, before, step=0)
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+            for stale in ckpt.remove_stale_tmp(run_dir):  # half-written saves of killed runs
+                logger.info("Removed %s (left by a killed run).", stale)
             # A resumed run keeps the original config.yaml and records what it resumed with.
             name = "config.yaml" if self.resume_path is None else f"config-resume-{self.resume_path.name}.yaml"
             (run_dir / name).write_text(self.cfg.to_yaml())
@@ -139,48 +173,96 @@ class BaseTrainer(ABC):
     # Setup
 
     def setup(self) -> None:
-        with self.accelerator.main_process_first():  # one process builds/downloads, others reuse
-            self.family = build_family(self.cfg, self.device)
+        from glm_training.utils.preflight import run_preflight
+
+        run_preflight(self.cfg)  # output dir and rewards: checked before any weight is read
+        cfg, acc = self.cfg, self.accelerator
+        # Declarations, then data, then weights: bad data fails in seconds, before any model load.
+        self.family = build_family(cfg, self.device, load=False)
+        self.parts = self.family.parts()
+        records = self.records_for(cfg, self.parts)
+        with acc.main_process_first():  # one process builds/downloads, others reuse
+            self.family.load()
         # Seed after loading (building a tiny model draws random numbers): LoRA init and dropout
         # then depend only on the seed.
-        torch.manual_seed(self.cfg.training.seed)
+        torch.manual_seed(cfg.training.seed)
         self.family.setup_training()
-        self.dataset = self.build_dataset()
-        acc = self.accelerator
-        # Datasets with aspect-ratio buckets get a sampler whose batches hold one shape each.
-        if self.cfg.data.buckets and getattr(self.dataset, "bucket_ids", None) is None:
-            raise ConfigError(f"data.buckets: not supported by training.method {self.method} with "
-                              f"{self.cfg.model.family} yet (SFT of diffusion families only); set "
-                              "data.buckets: false.")
-        self.sampler = make_batch_sampler(
-            self.dataset, self.dataset_items_per_batch(), acc.num_processes, acc.process_index,
-            seed=self.cfg.training.seed, shuffle=self.cfg.data.shuffle)
-        self.batches_per_epoch = len(self.sampler)
-        steps_per_epoch = max(1, self.batches_per_epoch // self.cfg.training.gradient_accumulation_steps)
-        self.max_steps = self.cfg.training.max_train_steps or steps_per_epoch * self.cfg.training.num_epochs
+        self.dataset = self.build_dataset(records)
+        base = make_batch_sampler(self.dataset, self.dataset_items_per_batch(), acc.num_processes,
+                                  acc.process_index, seed=cfg.training.seed, shuffle=cfg.data.shuffle)
+        self.sampler, self.batches_per_epoch = self.batch_sampler(base)
+        steps_per_epoch = max(1, self.batches_per_epoch // cfg.training.gradient_accumulation_steps)
+        self.max_steps = cfg.training.max_train_steps or steps_per_epoch * cfg.training.num_epochs
         groups = {name: [p for p in module.parameters() if p.requires_grad]
                   for name, module in self.family.components().items()}
-        optimizer = build_optimizer(self.cfg, groups)
-        self.scheduler = build_scheduler(self.cfg, optimizer, self.max_steps)
+        optimizer = build_optimizer(cfg, groups)
+        self.scheduler = build_scheduler(cfg, optimizer, self.max_steps)
         for name in self.family.trained:
             self.family.modules[name] = acc.prepare_model(self.family.modules[name])
         self.optimizer = acc.prepare_optimizer(optimizer)
         self.trainable_params = [p for params in groups.values() for p in params]
         if self.resume_path is not None:
             self._restore(self.resume_path)
-        self.trackers = Trackers(self.run_dir, self.cfg.logging.report_to, self.cfg.logging.project,
-                                 self.cfg.to_dict(), self.cfg.logging.wandb_mode, enabled=self.is_main)
+        self.trackers = Trackers(self.run_dir, cfg.logging.report_to, cfg.logging.project,
+                                 cfg.to_dict(), cfg.logging.wandb_mode, enabled=self.is_main)
+
+    # -- data: what the trainer needs, checked before the model loads ----------------------------
+
+    #: The record fields of each part this trainer reads (`sft_needs`, `preference_needs`, ...).
+    needs_attribute = "sft_needs"
+
+    @classmethod
+    def record_needs(cls, cfg: Config, parts: list) -> set[str]:
+        needs = set().union(*(getattr(part, cls.needs_attribute) for part in parts))
+        if cfg.training.mode == "i2i":
+            needs.add("controls")
+        if cfg.data.caption_dropout >= 1:
+            needs.discard("prompt")  # every caption is dropped: prompts may be missing
+        return needs
+
+    @classmethod
+    def records_for(cls, cfg: Config, parts: list) -> list:
+        """The run's records (`data.path`), validated for what the parts need."""
+        needs = cls.record_needs(cfg, parts)
+        # Batches stack control images, unless a part packs whole conversations (BAGEL).
+        same_controls = cfg.training.batch_size > 1 and "conversation" not in needs
+        return load_records(cfg.data, needs, same_control_count=same_controls)
+
+    @classmethod
+    def validate_data(cls, cfg: Config) -> str:
+        """`--validate`: the trainer's own record loading, without loading any weight."""
+        records = cls.records_for(cfg, build_family(cfg, "cpu", load=False).parts())
+        return f"{len(records)} records"
+
+    def batch_sampler(self, base: Any) -> tuple[Any, int]:
+        """The sampler the loop iterates and the batches it serves per epoch (GRPO serves each block
+        of batches `num_iterations` times). Asked before the LR schedule is built."""
+        return base, len(base)
+
+    def context(self, epoch: int | None = None, scale: float = 1.0) -> StepContext:
+        return StepContext(self.cfg.training.seed, self.epoch if epoch is None else epoch, self.global_step,
+                           self.accelerator.backward, scale)
 
     def _restore(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path, self.accelerator.process_index)
-        self.family.load_trainable_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        where = f"training.resume_from_checkpoint: {path}"
+        try:
+            self.family.load_trainable_state_dict(state["trainable"])
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:  # torch: parameter groups / sizes differ
+            raise ConfigError(f"{where}: the optimizer state does not fit this config ({error}); resume with "
+                              "the optimizer and lora settings the checkpoint was written with.") from None
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(*state["rng"])
         trainer_state = state["trainer_state"]
         self.global_step = trainer_state["global_step"]
         self.epoch = trainer_state["epoch"]
         self.batch_in_epoch = trainer_state["batch_in_epoch"]
+        self.load_extra_state(path)
+        self.run_start.step = self.global_step
         if self.is_main:
             logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, self.global_step,
                         self.epoch, self.batch_in_epoch)
@@ -200,22 +282,30 @@ class BaseTrainer(ABC):
     # Checkpoints
 
     def save_checkpoint(self) -> Path | None:
+        """Every rank writes its files into one tmp folder (rank 0 names it); once all are in,
+        rank 0 writes trainer_state.json, renames the folder complete and prunes old ones."""
         acc = self.accelerator
-        tensors, meta = ckpt.rng_state()
-        gathered = [(tensors, meta)]
+        name = [ckpt.tmp_folder_name(self.global_step) if self.is_main else None]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered = [None] * acc.num_processes
-            torch.distributed.all_gather_object(gathered, (tensors, meta))
+            torch.distributed.broadcast_object_list(name, src=0)
+        folder = self.run_dir / name[0]
+        if self.is_main:
+            ckpt.begin_checkpoint(self.run_dir, name[0])
+        acc.wait_for_everyone()
+        ckpt.write_rank_state(folder, acc.process_index, ckpt.rng_state())
+        if self.is_main:
+            ckpt.write_training_state(folder, trainable=self.family.trainable_state_dict(),
+                                      optimizer=self.optimizer, scheduler=self.scheduler)
+            ckpt.write_external(folder, self.family.save_adapter)
+        self.save_extra_state(folder)
+        acc.wait_for_everyone()
         path = None
         if self.is_main:
             state = {"global_step": self.global_step, "epoch": self.epoch,
                      "batch_in_epoch": self.batch_in_epoch, "method": self.method,
                      "family": self.cfg.model.family, "num_processes": acc.num_processes}
-            path = ckpt.save_checkpoint(
-                self.run_dir, self.global_step, trainable=self.family.trainable_state_dict(),
-                optimizer=self.optimizer, scheduler=self.scheduler, trainer_state=state,
-                rank_rng=gathered, extra_writer=self.family.save_adapter,
-                total_limit=self.cfg.training.checkpoints_total_limit)
+            path = ckpt.commit_checkpoint(folder, self.global_step, state,
+                                          self.cfg.training.checkpoints_total_limit)
             logger.info("Saved %s", path)
         acc.wait_for_everyone()
         return path
@@ -314,9 +404,11 @@ class BaseTrainer(ABC):
             averaged[f"lr/{group.get('name', 'default')}"] = group["lr"]
         if grad_norm is not None and math.isfinite(grad_norm):
             averaged["grad_norm"] = grad_norm
+        averaged.update(memory_stats(self.device))  # peak CUDA memory (or RSS) of this step
         progress.update(1)
+        memory = averaged.get("memory/peak_allocated_gb", averaged.get("memory/peak_rss_gb", 0.0))
         progress.set_postfix(loss=f"{averaged.get('loss', float('nan')):.4f}",
-                             lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                             lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", mem=f"{memory:.1f}G")
         if self.global_step % self.cfg.logging.log_steps == 0 or self.global_step == self.max_steps:
             self.trackers.log(averaged, self.global_step)
 

@@ -1,26 +1,15 @@
-"""Diffusion-DPO (Wallace et al. 2023; Flow-DPO for flow families) against the family interface.
+"""Diffusion-DPO (Wallace et al. 2023; Flow-DPO for flow families) and token DPO, per trained part.
 
-Per pair: the winner and the loser get the same timestep and the same noise; one forward pass
-of the policy over the concatenated [winner, loser] batch, one (no grad) of the reference: the
-same network with its LoRA adapters disabled, or with full fine-tuning a frozen copy of the
-trained components taken before the first update (`ModelFamily.reference`). The loss is
-`algorithms.dpo.diffusion_dpo_loss` on the per-sample denoising errors, plus an optional SFT term
-on the winner (`dpo.sft_weight`).
+Per pair the winner and the loser share the prompt, the timestep and the noise; each trained part
+computes its preference loss against its frozen reference (adapters disabled, or a frozen copy
+with full fine-tuning): Diffusion-DPO on denoising errors for a denoiser, TRL's sigmoid DPO on
+sequence log-probs for a token policy. Several parts (GLM-Image `both`) sum their losses; their
+metrics are prefixed with the part names. `dpo.sft_weight` adds each part's SFT term on the winner.
 
-Where pairs come from is a `PairSource`: by default the fixed files of `data.path`
+Where pairs come from is a `PairSource`: by default the fixed records of `data.path`
 (`pairs.jsonl`, folders, Pick-a-Pic); with `dpo.online: true` an `OnlinePairSource` that samples
 `dpo.num_generations` images per prompt with the current policy (ODE, the shared sampler), scores
 them with the `reward:` calculator and pairs the best with the worst (Flow-DPO / online DPO).
-
-What is trained on the pairs is what the family reports (`preference_terms`, see below), summed:
-- "denoising": Diffusion-DPO on the latents, as above (diffusion families; GLM-Image's DiT);
-- "tokens": token DPO (TRL's sigmoid DPO, `algorithms.dpo.token_dpo_loss`) on the summed log-probs
-  of the chosen and rejected images' own tokens (`family.image_token_logprobs_per_token`), policy
-  vs reference (GLM-Image's AR generator); `dpo.sft_weight` adds the token CE of the winner;
-- "errors": the family computes the per-sample flow errors of [chosen; rejected] for policy and
-  reference itself (`family.preference_errors(batch, seed)`) on its own dataset
-  (`family.build_preference_dataset(pairs)`): families that are not latent diffusion (BAGEL).
-With several terms (GLM-Image `component: both`) the metrics are logged per term (`ar/`, `dit/`).
 """
 
 from __future__ import annotations
@@ -33,40 +22,22 @@ from typing import Any
 
 import torch
 
-from glm_training.algorithms.dpo import diffusion_dpo_loss, token_dpo_loss
 from glm_training.config import ConfigError
-from glm_training.data.datasets import PreferenceDataset, PreferencePair, PromptDataset, Sample, collate, \
-    load_preference_pairs, load_prompts, sample_generator
-from glm_training.models.base import DiffusionFamily
-from glm_training.trainers.conditioning import ConditionEncoder
-from glm_training.trainers.sampler import DiffusionSampler, generation_conditions, reward_inputs, to_unit_images
-from glm_training.trainers.sft import DiffusionTrainer, denoising_errors
+from glm_training.data.datasets import PreferenceDataset, Record, collate, sample_generator
+from glm_training.parts import prefixed
+from glm_training.parts.common import SALT_ONLINE
+from glm_training.parts.sampler import reward_inputs
+from glm_training.trainers.base import BaseTrainer
 
 logger = logging.getLogger(__name__)
-
-SALT_ONLINE = 7
-#: Token-DPO beta when neither dpo.beta nor the family gives one (TRL's default).
-TOKEN_DPO_BETA = 0.1
-#: Metric prefix of each preference term when several are trained together.
-TERM_PREFIX = {"denoising": "dit", "tokens": "ar", "errors": "flow"}
-
-
-def preference_terms(family: Any) -> tuple[str, ...]:
-    """What DPO can train on this family, as the family reports it: its `preference_terms`, else
-    the SFT terms of its trained components (`sft_loss_terms`: "denoising" and/or "tokens"), else
-    "denoising" for a diffusion family; () when the family has nothing for DPO."""
-    terms = family.preference_terms
-    if terms is None and isinstance(family, DiffusionFamily):
-        terms = family.sft_loss_terms
-    return tuple(terms or ())
 
 
 class PairSource(ABC):
     """Where DPO gets the preference pairs of a micro-batch.
 
     `pairs(batch, step)` receives a batch of the trainer's dataset (`index`, `prompt`, and the
-    prompt's optional `target_images` / `control_pixel_values`) and the optimizer step, and
-    returns `PreferencePair`s whose image files exist (the DPO loss encodes them like offline
+    prompt's optional `target_pixel_values` / `control_pixel_values`) and the optimizer step, and
+    returns `Record`s whose image files exist (the DPO loss encodes them like offline
     pairs). It may return fewer pairs than prompts (e.g. ties dropped) but at least one.
     After a call, `indices` holds the dataset index of each returned pair's prompt (noise and
     timesteps are drawn per prompt) and `metrics` scalars for the logs (e.g. chosen/rejected reward).
@@ -76,7 +47,7 @@ class PairSource(ABC):
     indices: list[int] = []
 
     @abstractmethod
-    def pairs(self, batch: dict[str, Any], step: int) -> list[PreferencePair]:
+    def pairs(self, batch: dict[str, Any], step: int) -> list[Record]:
         ...
 
 
@@ -88,27 +59,24 @@ class OnlinePairSource(PairSource):
     a `pairs.jsonl` with every member's reward are written to `out_dir/step-<step>/`.
     """
 
-    def __init__(self, family: DiffusionFamily, encoder: ConditionEncoder, samples: list[Sample], rewards: Any,
-                 sampler: DiffusionSampler, out_dir: Path, num_generations: int, resolution: int, seed: int):
-        self.family, self.encoder, self.samples, self.rewards = family, encoder, samples, rewards
-        self.sampler, self.out_dir, self.group = sampler, Path(out_dir), num_generations
-        self.resolution, self.seed = resolution, seed
+    def __init__(self, part: Any, rewards: Any, out_dir: Path, num_generations: int, steps: int,
+                 guidance_scale: float, seed: int):
+        self.part, self.rewards, self.out_dir, self.group = part, rewards, Path(out_dir), num_generations
+        self.steps, self.guidance_scale, self.seed = steps, guidance_scale, seed
         self.metrics, self.indices = {}, []
         self.last_scores: list[tuple[float, float]] = []  # (chosen, rejected) reward of each pair
 
     @torch.no_grad()
-    def pairs(self, batch: dict[str, Any], step: int) -> list[PreferencePair]:
+    def pairs(self, batch: dict[str, Any], step: int) -> list[Record]:
         from PIL import Image
 
-        group, size = self.group, self.resolution
-        condition, uncondition = generation_conditions(self.family, self.encoder, self.samples, batch, group, size,
-                                                       self.sampler.guidance_scale)
-        shape = self.family.latent_shape(size, size)
+        group, part = self.group, self.part
+        size = part.cfg.data.resolution
+        shape = part.latent_shape(size, size)
         noise = torch.stack([torch.randn(shape, generator=sample_generator(self.seed, step, index * group + m,
                                                                            SALT_ONLINE))
                              for index in batch["index"] for m in range(group)])
-        images = to_unit_images(self.family, self.sampler.rollout(noise.to(self.family.device), condition,
-                                                                  uncondition).final)
+        images = part.decode(batch, group, noise, self.steps, self.guidance_scale)
         total, per_reward = self.rewards(reward_inputs(batch, images, group))
         folder = self.out_dir / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -129,8 +97,8 @@ class OnlinePairSource(PairSource):
                 array = (images[i * group + member].permute(1, 2, 0).numpy() * 255).round().astype("uint8")
                 paths[role] = folder / f"{index:06d}_{role}.png"
                 Image.fromarray(array).save(paths[role])
-            controls = list(self.samples[index].control_images)
-            pairs.append(PreferencePair(batch["prompt"][i], paths["chosen"], paths["rejected"], controls))
+            controls = list(part.records[index].controls)
+            pairs.append(Record(batch["prompt"][i], chosen=paths["chosen"], rejected=paths["rejected"], controls=controls))
             self.last_scores.append((float(scores[best]), float(scores[worst])))
             rows.append({"prompt": batch["prompt"][i], "chosen": paths["chosen"].name,
                          "rejected": paths["rejected"].name, "rewards": [float(s) for s in scores],
@@ -146,164 +114,61 @@ class OnlinePairSource(PairSource):
         return pairs
 
 
-class DPOTrainer(DiffusionTrainer):
+class DPOTrainer(BaseTrainer):
     method = "dpo"
+    needs_attribute = "preference_needs"
 
-    def build_dataset(self) -> PreferenceDataset | PromptDataset:
-        data, dpo = self.cfg.data, self.cfg.dpo
-        self.terms = preference_terms(self.family)
-        if not self.terms:
-            raise ConfigError(f"training.method: dpo for {self.cfg.model.family} is not available yet.")
+    @classmethod
+    def record_needs(cls, cfg: Any, parts: list) -> set[str]:
+        if not cfg.dpo.online:
+            return super().record_needs(cfg, parts)
+        needs = set().union(*(part.rollout_needs for part in parts))
+        return needs | ({"controls"} if cfg.training.mode == "i2i" else set())
+
+    def build_dataset(self, records: list) -> torch.utils.data.Dataset:
+        dpo = self.cfg.dpo
         self.family.snapshot_reference()  # full fine-tuning: frozen copy before any update (LoRA: no-op)
-        self.beta = dpo.beta or self.family.default_dpo_beta
-        # Token log-prob margins are on another scale than denoising errors: dpo.beta sets the token
-        # beta only when tokens are the sole term; next to a denoising term (GLM-Image `both`) it is the
-        # DiT's and the tokens take dpo.token_beta (default: the family's token default).
-        token_default = dpo.token_beta or getattr(self.family, "default_token_dpo_beta", TOKEN_DPO_BETA)
-        self.token_beta = dpo.beta if dpo.beta and self.terms == ("tokens",) else token_default
-        if dpo.online and self.terms != ("denoising",):
+        alone = len(self.parts) == 1
+        self.betas = {part.name: part.dpo_beta(dpo, alone) for part in self.parts}
+        self.pair_source: PairSource | None = None
+        if not dpo.online:
+            self.pairs = records
+            self.family.prepare(records)
+            return self.family.dataset(records, "pairs")
+        (part, *others) = self.parts
+        if others or not part.online_pairs:
             raise ConfigError(f"dpo.online: online pairs sample with the diffusion sampler; they are not available "
                               f"for {self.cfg.model.family} with model.component {self.cfg.model.component!r} "
-                              f"(terms {list(self.terms)}). Use offline pairs (dpo.online: false).")
-        if dpo.online:
-            return self.build_online(data, dpo)
-        self.pair_source: PairSource | None = None
-        self.pairs = load_preference_pairs(data.path, data.on_error)
-        if "errors" in self.terms:  # the family packs its own batches (BAGEL)
-            self.encoder = None
-            return self.family.build_preference_dataset(self.pairs)
-        self.encoder = ConditionEncoder(self.family, [], self.cfg.cache.dir if self.cfg.cache.enabled else None,
-                                        data.resolution, data.caption_dropout, self.cfg.training.seed,
-                                        data.random_flip)
-        return PreferenceDataset(self.pairs, data.resolution, data.center_crop, data.random_flip,
-                                 seed=self.cfg.training.seed)
-
-    def build_online(self, data, dpo) -> PromptDataset:
-        from glm_training.rewards import build_reward_calculator
-
+                              f"(parts {[p.name for p in self.parts]}). Use offline pairs (dpo.online: false).")
         if not self.cfg.reward.rewards:
             raise ConfigError("dpo.online: true scores its samples with the reward: section; add "
                               "reward.rewards (e.g. {brightness: {weight: 1.0}}).")
-        samples = load_prompts(data.path)
+        from glm_training.rewards import build_reward_calculator
+
         # No latent cache: online images are new every step. Prompt embeddings are cheap to redo.
-        self.encoder = ConditionEncoder(self.family, samples, None, data.resolution, data.caption_dropout,
-                                        self.cfg.training.seed)
-        sampler = DiffusionSampler(self.family, dpo.sample_steps, dpo.guidance_scale, noise_level=0.0)
+        self.family.prepare(records, use_cache=False)
         rewards = build_reward_calculator(self.cfg.to_dict()["reward"], self.cfg.model.component)
         out_dir = self.run_dir / "online_pairs" / f"rank{self.accelerator.process_index}"
-        self.pair_source = OnlinePairSource(self.family, self.encoder, samples, rewards, sampler, out_dir,
-                                            dpo.num_generations, data.resolution, self.cfg.training.seed)
+        self.pair_source = OnlinePairSource(part, rewards, out_dir, dpo.num_generations, dpo.sample_steps,
+                                            dpo.guidance_scale, self.cfg.training.seed)
         self.pairs = []
-        return PromptDataset(samples, data.resolution)
+        return self.family.dataset(records, "prompts")
 
-    def pair_inputs(self, batch: dict[str, Any], epoch: int, pairs: list[PreferencePair]
-                    ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor, torch.Tensor]:
-        """-> latents [winners; losers], their condition, shared noise and timesteps (repeated)."""
-        flips = batch["flip"]
-        latents = torch.cat([
-            self.encoder.encode_latents(batch["chosen_pixel_values"], [p.chosen for p in pairs], flips, "chosen"),
-            self.encoder.encode_latents(batch["rejected_pixel_values"], [p.rejected for p in pairs], flips,
-                                        "rejected")])
-        control_paths = [p.control_images for p in pairs]
-        controls = batch.get("control_pixel_values")
-        embeds = self.encoder.encode_prompts(self.encoder.prompts_for(batch, epoch), control_paths, controls)
-        both = {k: torch.cat([v, v]) for k, v in embeds.items()}
-        merged = {key: torch.cat([batch[f"chosen_{key}"], batch[f"rejected_{key}"]])
-                  for key in ("original_size", "crop_top_left")}
-        merged["target_size"] = torch.cat([batch["target_size"]] * 2)
-        # The pixels too, for families whose condition reads them (GLM-Image: the prior tokens).
-        merged["pixel_values"] = torch.cat([batch["chosen_pixel_values"], batch["rejected_pixel_values"]])
-        if controls is not None:
-            merged["control_pixel_values"] = [torch.cat([group, group]) for group in controls]
-        if controls is not None:  # winner and loser share the control images
-            merged["control_latents"] = [
-                torch.cat([self.encoder.encode_latents(group, [c[k] for c in control_paths], flips,
-                                                       f"control{k}")] * 2)
-                for k, group in enumerate(controls)]
-        noise, timesteps = self.encoder.noise_and_timesteps(latents[: len(pairs)], batch["index"], epoch,
-                                                            self.cfg.training.noise_offset)
-        return latents, self.family.condition(both, merged), torch.cat([noise, noise]), torch.cat([timesteps] * 2)
-
-    def dpo_loss(self, batch: dict[str, Any], epoch: int, pairs: list[PreferencePair] | None = None
+    def dpo_loss(self, batch: dict[str, Any], epoch: int, pairs: list[Record] | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The DPO loss of the family's terms, summed (metrics prefixed per term when several)."""
-        parts = []
-        for term in self.terms:
-            if term == "denoising":
-                parts.append((term, *self.denoising_dpo_loss(batch, epoch, pairs)))
-            elif term == "tokens":
-                parts.append((term, *self.token_dpo_loss(batch, epoch)))
-            elif term == "errors":
-                parts.append((term, *self.family_errors_dpo_loss(batch, epoch)))
-            else:
-                raise ConfigError(f"training.method: dpo: unknown preference term {term!r} of {self.cfg.model.family}.")
-        if len(parts) == 1:
-            return parts[0][1], parts[0][2]
-        loss = sum(part_loss for _, part_loss, _ in parts)
-        metrics = {}
-        for term, part_loss, part_metrics in parts:
-            prefix = TERM_PREFIX.get(term, term)
-            metrics[f"{prefix}/loss"] = part_loss.detach()
-            metrics.update({f"{prefix}/{k}": v for k, v in part_metrics.items()})
-        return loss, metrics
-
-    def token_dpo_loss(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Token DPO on the summed log-probs of the chosen and rejected images' own tokens, policy vs
-        reference, one forward each over [chosen; rejected]; winner and loser share prompt and controls."""
-        dpo = self.cfg.dpo
-        prompts = self.encoder.prompts_for(batch, epoch)
-        count = len(prompts)
-        tokens_batch: dict[str, Any] = {
-            "prompt": prompts + prompts,
-            "pixel_values": torch.cat([batch["chosen_pixel_values"], batch["rejected_pixel_values"]])}
-        controls = batch.get("control_pixel_values")
-        if controls is not None:
-            tokens_batch["control_pixel_values"] = [torch.cat([group, group]) for group in controls]
-        logprobs = self.family.image_token_logprobs_per_token(tokens_batch)
-        with torch.no_grad(), self.family.reference():
-            ref_logprobs = self.family.image_token_logprobs_per_token(tokens_batch)
-        policy, reference = logprobs.sum(dim=1), ref_logprobs.sum(dim=1)
-        loss, metrics = token_dpo_loss(policy[:count], policy[count:], reference[:count], reference[count:],
-                                       self.token_beta, dpo.loss_type, dpo.label_smoothing)
-        metrics["ref_logp_gap"] = (reference[:count] - reference[count:]).mean()
-        metrics["chosen_logp"] = policy[:count].detach().mean()
-        metrics["rejected_logp"] = policy[count:].detach().mean()
-        if dpo.sft_weight:  # mean next-token CE on the winner's image tokens
-            sft = -logprobs[:count].mean()
-            loss = loss + dpo.sft_weight * sft
-            metrics["sft_loss"] = sft.detach()
-        return loss, metrics
-
-    def family_errors_dpo_loss(self, batch: dict[str, Any], epoch: int
-                               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Diffusion-DPO on the per-sample flow errors the family computes itself (BAGEL). The seed
-        (prompt dropout, timesteps, noise) depends on the data position only, as in SFT."""
-        dpo = self.cfg.dpo
-        seed = self.cfg.training.seed * 1_000_003 + epoch * 10_007 + int(batch["index"][0])
-        errors, ref_errors = self.family.preference_errors(batch, seed)
-        half = len(errors) // 2
-        loss, metrics = diffusion_dpo_loss(errors[:half], errors[half:], ref_errors[:half], ref_errors[half:],
-                                           self.beta, dpo.loss_type, dpo.label_smoothing)
-        if dpo.sft_weight:
-            loss = loss + dpo.sft_weight * errors[:half].mean()
-        return loss, metrics
-
-    def denoising_dpo_loss(self, batch: dict[str, Any], epoch: int, pairs: list[PreferencePair] | None = None
-                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every trained part's preference loss, summed (metrics prefixed per part when several)."""
         pairs = pairs if pairs is not None else [self.pairs[i] for i in batch["index"]]
-        latents, condition, noise, timesteps = self.pair_inputs(batch, epoch, pairs)
-        errors = denoising_errors(self.family, latents, condition, noise, timesteps)
-        with torch.no_grad(), self.family.reference():
-            ref_errors = denoising_errors(self.family, latents, condition, noise, timesteps)
-        half = len(latents) // 2
-        dpo = self.cfg.dpo
-        loss, metrics = diffusion_dpo_loss(errors[:half], errors[half:], ref_errors[:half], ref_errors[half:],
-                                           self.beta, dpo.loss_type, dpo.label_smoothing)
-        if dpo.sft_weight:
-            loss = loss + dpo.sft_weight * errors[:half].mean()
+        ctx, several = self.context(epoch), len(self.parts) > 1
+        loss, metrics = torch.zeros((), device=self.device), {}
+        for part in self.parts:
+            part_loss, part_metrics = part.preference_loss(batch, ctx, pairs, self.betas[part.name])
+            loss = loss + part_loss
+            if several:
+                part_metrics = {"loss": part_loss.detach(), **part_metrics}
+            metrics.update(prefixed(part.name, part_metrics, several))
         return loss, metrics
 
-    def online_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any], list[PreferencePair]]:
+    def online_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any], list[Record]]:
         """Pairs for this batch of prompts from the pair source, as a preference batch whose
         `index` is the prompt's (noise and timesteps stay per prompt, not per position)."""
         pairs = self.pair_source.pairs(batch, self.global_step)
@@ -327,25 +192,19 @@ class DPOTrainer(DiffusionTrainer):
     def evaluate(self, pairs: list, draws: int = 4) -> dict[str, float]:
         """DPO metrics (implicit accuracy, margins) on held-out pairs, averaged over `draws` fixed
         noise/timestep draws per pair (one draw is a noisy estimate), without caption dropout."""
-        if self.terms == ("tokens",):
+        if all(part.exact_preference for part in self.parts):
             draws = 1  # token log-probs are exact: nothing is drawn
-        encoder = self.encoder
-        saved_dropout = encoder.caption_dropout if encoder is not None else 0.0
-        if encoder is not None:
-            encoder.caption_dropout = 0.0
+        pairs = list(pairs)
+        saved = [(part, part.caption_dropout) for part in self.parts]
+        for part in self.parts:
+            part.caption_dropout = 0.0
         try:
-            data = self.cfg.data
-            if "errors" in self.terms:
-                dataset = self.family.build_preference_dataset(list(pairs))
-            else:
-                dataset = PreferenceDataset(pairs, data.resolution, data.center_crop, False,
-                                            seed=self.cfg.training.seed)
-            batch = collate([dataset[i] for i in range(len(dataset))])
+            batch = collate([self.family.dataset(pairs, "pairs")[i] for i in range(len(pairs))])
             results = []
             for draw in range(draws):
                 loss, metrics = self.dpo_loss(batch, epoch=draw, pairs=pairs)
                 results.append({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}})
         finally:
-            if encoder is not None:
-                encoder.caption_dropout = saved_dropout
+            for part, dropout in saved:
+                part.caption_dropout = dropout
         return {k: sum(r[k] for r in results) / draws for k in results[0]}

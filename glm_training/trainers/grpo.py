@@ -1,45 +1,27 @@
-"""GRPO for diffusion families: Flow-GRPO (flow families, SDE rollouts) and DDPO-style (SDXL, DDIM
-with eta > 0), written once on the family interface and `trainers.sampler`.
+"""GRPO, one recipe for every family: rollout -> score -> advantages -> per-part loss -> step.
 
-Per micro-batch: each prompt is sampled `grpo.num_generations` times with the current policy (no
-grad), the images are scored by the reward calculator, advantages are normalised within each
-group (`algorithms.grpo.compute_advantages`, zero-std groups masked), then for a random
-`timestep_fraction` of the stochastic steps the log-prob of the recorded transition is recomputed
-with gradients and the clipped objective (+ `beta` x KL to the reference) is back-propagated, one
-step at a time to bound memory. Groups never cross processes: a rank gets whole prompts
-(`dataset_items_per_batch`) and samples all G members of each itself.
+Per micro-batch (a rank gets whole prompts, so groups never cross processes):
+1. rollout: the family samples `grpo.num_generations` members per prompt with its trained parts
+   (`ModelFamily.rollout`: a denoiser's SDE / DDIM trajectory with per-step log-probs; a token
+   policy's sequences with per-token log-probs; GLM-Image chains its AR tokens into its DiT);
+2. score: the reward calculator scores every image once; each trained part's total is its own
+   weighted sum (`reward.weights.<part>`, else `reward.rewards.*.weight`);
+3. advantages: group-normalised per part (`algorithms.grpo.compute_advantages`, `scale_rewards`,
+   zero-std groups masked, clamped); with `grpo.dynamic_sample` the groups that tie on every part
+   are sampled again (new noise) up to `grpo.max_resample_rounds` times, logged;
+4. loss: each part back-propagates its clipped objective (+ `grpo.beta` x KL to the reference)
+   on its own record (`part.policy_backward`); one optimizer step updates every part.
 
 `grpo.num_iterations` > 1 (TRL's inner epochs): the rollouts of one optimizer step's micro-batches
-are kept and trained on for `num_iterations` consecutive optimizer steps. The old log-probs stay
-the rollout's, so the ratio is exactly 1 on the first iteration and departs from 1 (and the clip
-acts) on later ones. `IterationBatchSampler` serves each block of `gradient_accumulation_steps`
-batches `num_iterations` times; a checkpoint taken inside a block stores the rollout buffer, so
-resume is exact.
+are kept (`Rollout`) and trained on for `num_iterations` consecutive optimizer steps; the old
+log-probs stay the rollout's, so the ratio is exactly 1 on the first iteration and the clip acts on
+later ones. A checkpoint inside such a block stores the buffer in the checkpoint folder before it
+is made complete, so resume is exact.
 
-Evaluation (every `logging.sample_steps` and at the end): the eval prompts are sampled with the
-ODE (noise level 0) in `grpo.eval_steps` steps, scored, logged as `eval/reward/*`, and saved as a
-grid with each image's rewards under it, next to a grid of the latest rollout.
-
-Token GRPO (families whose trained component is a token generator feeding a diffusion decoder:
-GLM-Image `model.component: ar`): per prompt, `num_generations` image-token sequences are sampled
-with the current policy (`family.generate_image_tokens`, at `grpo.temperature`), decoded by the
-frozen decoder (`family.condition_from_prior_tokens` + the shared ODE sampler, `grpo.sample_steps`
-steps; the decoder noise is shared within a group so that rewards differ by the tokens only), and
-scored by the reward calculator built for the component (`reward.weights.ar`). The loss is TRL's
-(`algorithms.grpo.token_grpo_loss`, `grpo.loss_type`) on per-token log-probs recomputed with
-gradients (`family.image_token_logprobs_per_token`), zero-std groups masked, plus `beta` x k3 KL
-to the reference. First iteration: old log-probs = the recomputed ones, detached (ratio exactly
-1, as TRL); they are kept for the later `num_iterations`. `gen_logprob_abs_diff` logs how far
-the recomputed log-probs are from the sampling ones (numerics only: it should be ~1e-5).
-
-Both (GLM-Image `model.component: both`, `JointRollout`): per member, the AR samples tokens (as
-above), the trained DiT decodes them with the SDE sampler (`sde_rollout`, own noise per member,
-no CFG), the images are scored once by a calculator of every reward either component uses, and
-each component's total (`reward.weights.ar` / `.dit`) gives its own group advantages. The AR's
-part goes through `token_backward`, the DiT's through `flow_backward` (the same code as the
-single-component runs), both into one optimizer step; metrics under `ar/` and `dit/`, `loss` their
-sum. The rollout buffer stores both parts and the DiT's prior tokens (its condition is rebuilt
-from them after a resume).
+Evaluation (every `logging.sample_steps` and at the end): the eval prompts are sampled
+deterministically (`ModelFamily.eval_images`, `grpo.eval_steps` ODE steps), scored, logged as
+`eval/reward/*` (`eval/<part>/reward/*` with several parts) and saved as a grid with each image's
+rewards under it, next to a grid of the latest rollout.
 """
 
 from __future__ import annotations
@@ -53,119 +35,51 @@ from typing import Any, Iterator
 
 import torch
 
-from glm_training.algorithms.grpo import clipped_policy_loss, compute_advantages, flow_kl, token_grpo_loss
+from glm_training.algorithms.grpo import compute_advantages
 from glm_training.config import ConfigError
-from glm_training.data.datasets import PromptDataset, Sample, ShardedBatchSampler, collate, load_prompts, \
-    sample_generator
+from glm_training.data.datasets import Record, ShardedBatchSampler, collate
+from glm_training.parts import prefixed
+from glm_training.parts.sampler import reward_inputs, reward_notes
 from glm_training.trainers.base import BaseTrainer
-from glm_training.trainers.conditioning import ConditionEncoder
-from glm_training.trainers.optim import lr_lambda
-from glm_training.trainers.sampler import DiffusionSampler, Trajectory, generation_conditions, reward_inputs, \
-    reward_notes, samples_latents, to_unit_images
 
 logger = logging.getLogger(__name__)
 
-SALT_ROLLOUT, SALT_TIMESTEPS = 5, 6
-SALT_DECODE = 9  # decoder noise of token rollouts
 BUFFER_FILE = "rollout_buffer_rank{rank}.safetensors"
-COMPONENTS = ("ar", "dit")  # GLM-Image component: both, as the metric prefixes name them
 EVAL_PROMPTS_FALLBACK = 4  # eval on the first training prompts when logging.sample_prompts is empty
+RESAMPLE_SEED_STRIDE = 1_000_003  # dynamic_sample round r draws from seed + r * stride
 
 
 @dataclass
 class Rollout:
-    """One micro-batch of rollouts: everything the policy update needs, reusable across iterations."""
+    """One micro-batch of rollouts: each trained part's record, advantages and valid mask."""
 
-    indices: list[int]  # dataset index of each prompt (each sampled G times, prompt-major)
-    trajectory: Trajectory
-    advantages: torch.Tensor  # (B*G,)
-    valid: torch.Tensor  # (B*G,) bool, False in zero-std groups
-    metrics: dict[str, float]  # reward statistics of the rollout
-    condition: dict[str, Any] | None = None  # rebuilt from the batch after a resume
-    uncondition: dict[str, Any] | None = None
-
-    def to_tensors(self, micro: int | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"{micro}.states": torch.stack(self.trajectory.states).cpu().contiguous(),
-                   f"{micro}.log_probs": self.trajectory.log_probs.cpu().contiguous(),
-                   f"{micro}.advantages": self.advantages.cpu().contiguous(),
-                   f"{micro}.valid": self.valid.cpu().to(torch.uint8)}
-        meta = {"indices": self.indices, "metrics": self.metrics, "stochastic": self.trajectory.stochastic}
-        return tensors, meta
-
-    @classmethod
-    def from_tensors(cls, handle: Any, micro: str, meta: dict[str, Any], device: torch.device) -> "Rollout":
-        states = handle.get_tensor(f"{micro}.states")
-        trajectory = Trajectory(list(states.to(device).unbind(0)), handle.get_tensor(f"{micro}.log_probs"),
-                                meta["stochastic"])
-        return cls(meta["indices"], trajectory, handle.get_tensor(f"{micro}.advantages").to(device),
-                   handle.get_tensor(f"{micro}.valid").bool().to(device), meta["metrics"])
-
-
-@dataclass
-class TokenRollout:
-    """One micro-batch of token rollouts (token GRPO), reusable across iterations."""
-
-    indices: list[int]  # dataset index of each prompt (each sampled G times, prompt-major)
-    prompts: list[str]  # (B*G,)
-    tokens: torch.Tensor  # (B*G, N) sampled image tokens
-    gen_logprobs: torch.Tensor  # (B*G, N) per-token log-probs at sampling time
-    advantages: torch.Tensor  # (B*G,)
-    valid: torch.Tensor  # (B*G,) bool, False in zero-std groups
-    metrics: dict[str, float]
-    controls: list[torch.Tensor] | None = None  # control pixels repeated per member (image-to-image)
-    old_logprobs: torch.Tensor | None = None  # recomputed on the first iteration, kept for the next ones
-
-    TENSORS = ("tokens", "gen_logprobs", "advantages", "valid", "old_logprobs")
-
-    def to_tensors(self, micro: int | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors = {f"{micro}.{name}": getattr(self, name).detach().cpu().contiguous()
-                   for name in self.TENSORS if getattr(self, name) is not None}
-        tensors[f"{micro}.valid"] = self.valid.cpu().to(torch.uint8)
-        for k, group in enumerate(self.controls or []):
-            tensors[f"{micro}.control{k}"] = group.detach().cpu().contiguous()
-        meta = {"kind": "tokens", "indices": self.indices, "prompts": self.prompts, "metrics": self.metrics,
-                "controls": len(self.controls or [])}
-        return tensors, meta
-
-    @classmethod
-    def from_tensors(cls, handle: Any, micro: str, meta: dict[str, Any], device: torch.device) -> "TokenRollout":
-        keys = set(handle.keys())
-
-        def get(name):
-            key = f"{micro}.{name}"
-            return handle.get_tensor(key).to(device) if key in keys else None
-
-        controls = [get(f"control{k}") for k in range(meta["controls"])] or None
-        return cls(meta["indices"], meta["prompts"], get("tokens"), get("gen_logprobs"), get("advantages"),
-                   get("valid").bool(), meta["metrics"], controls, get("old_logprobs"))
-
-
-@dataclass
-class JointRollout:
-    """One micro-batch of joint rollouts (GLM-Image `component: both`): the AR's sampled tokens
-    (token GRPO, advantages from `reward.weights.ar`) and the DiT's SDE decoding of them
-    (Flow-GRPO, advantages from `reward.weights.dit`), scored on the same images."""
-
-    tokens: TokenRollout
-    flow: Rollout
-    prior_token_ids: torch.Tensor  # (B*G, L) the DiT's prior tokens (rebuilds its condition after a resume)
-
-    @property
-    def indices(self) -> list[int]:
-        return self.tokens.indices
+    indices: list[int]  # dataset index of each prompt (each sampled `group` times, prompt-major)
+    group: int
+    records: dict[str, Any]  # part name -> DenoiserRollout / TokenRollout
+    advantages: dict[str, torch.Tensor]  # part name -> (B*G,)
+    valid: dict[str, torch.Tensor]  # part name -> (B*G,) bool, False in zero-std groups
+    metrics: dict[str, dict[str, float]]  # part name -> reward statistics
 
     def to_tensors(self, micro: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        token_tensors, token_meta = self.tokens.to_tensors(f"{micro}.ar")
-        flow_tensors, flow_meta = self.flow.to_tensors(f"{micro}.dit")
-        tensors = {**token_tensors, **flow_tensors,
-                   f"{micro}.prior_token_ids": self.prior_token_ids.detach().cpu().contiguous()}
-        return tensors, {"kind": "both", "ar": token_meta, "dit": flow_meta}
+        tensors, parts = {}, {}
+        for name, record in self.records.items():
+            prefix = f"{micro}.{name}"
+            part_tensors, parts[name] = record.to_tensors(prefix)
+            tensors.update(part_tensors)
+            tensors[f"{prefix}.advantages"] = self.advantages[name].detach().cpu().contiguous()
+            tensors[f"{prefix}.valid"] = self.valid[name].cpu().to(torch.uint8)
+        return tensors, {"indices": self.indices, "group": self.group, "parts": parts, "metrics": self.metrics}
 
     @classmethod
-    def from_tensors(cls, handle: Any, micro: str, meta: dict[str, Any], device: torch.device) -> "JointRollout":
-        return cls(TokenRollout.from_tensors(handle, f"{micro}.ar", meta["ar"], device),
-                   Rollout.from_tensors(handle, f"{micro}.dit", meta["dit"], device),
-                   handle.get_tensor(f"{micro}.prior_token_ids").to(device))
+    def from_tensors(cls, handle: Any, micro: str, meta: dict[str, Any], parts: list, device: torch.device
+                     ) -> "Rollout":
+        records, advantages, valid = {}, {}, {}
+        for part in parts:
+            prefix = f"{micro}.{part.name}"
+            records[part.name] = part.record_class.from_tensors(handle, prefix, meta["parts"][part.name], device)
+            advantages[part.name] = handle.get_tensor(f"{prefix}.advantages").to(device)
+            valid[part.name] = handle.get_tensor(f"{prefix}.valid").bool().to(device)
+        return cls(meta["indices"], meta["group"], records, advantages, valid, meta["metrics"])
 
 
 class IterationBatchSampler:
@@ -207,173 +121,166 @@ class IterationBatchSampler:
             yield batches[block * self.accumulation + self.position(served)[1]]
 
 
+def select_batch(batch: dict[str, Any], positions: list[int]) -> dict[str, Any]:
+    """The prompts at `positions` of a prompts batch (lists, tensors and control groups indexed)."""
+    def pick(value: Any) -> Any:
+        return value[positions] if isinstance(value, torch.Tensor) else [value[p] for p in positions]
+
+    return {key: [pick(g) for g in value] if key == "control_pixel_values" else pick(value)
+            for key, value in batch.items()}
+
+
 class GRPOTrainer(BaseTrainer):
     method = "grpo"
+    needs_attribute = "rollout_needs"
 
     def dataset_items_per_batch(self) -> int:
         return self.cfg.training.batch_size // self.cfg.grpo.num_generations
 
-    def build_dataset(self) -> PromptDataset:
+    def build_dataset(self, records: list[Record]) -> torch.utils.data.Dataset:
         from glm_training.rewards import build_reward_calculator, resolve_weights
 
         grpo = self.cfg.grpo
-        if not samples_latents(self.family):
-            raise ConfigError(f"training.method: grpo for {self.cfg.model.family} is not available yet.")
-        # What the trained components are, as the family reports it (GLM-Image: "tokens" for the AR);
-        # a family that only presents the sampling interface trains its denoiser.
-        terms = tuple(getattr(self.family, "sft_loss_terms", ("denoising",)))
-        self.token_policy = terms == ("tokens",)
-        # Both (GLM-Image `component: both`): token GRPO on the AR and Flow-GRPO on the DiT, one rollout.
-        self.joint = "tokens" in terms and not self.token_policy
-        if self.joint and set(terms) != {"tokens", "denoising"}:
-            raise ConfigError(f"training.method: grpo: model.component {self.cfg.model.component!r} trains "
-                              f"{list(terms)}; GRPO trains a token generator, a diffusion decoder, or both.")
         if grpo.beta > 0:
             self.family.snapshot_reference()  # full fine-tuning: frozen copy before any update
-        self.samples = load_prompts(self.cfg.data.path)
-        missing = [s.prompt for s in self.samples if not s.control_images]
-        if self.cfg.training.mode == "i2i" and missing:  # as SFT: i2i needs a source image per prompt
-            raise ConfigError(f"training.mode: i2i needs a source image for every prompt; {len(missing)} have none "
-                              f"(e.g. {missing[0]!r}). Prompts .jsonl: a 'source_image' per line; folder: "
-                              "source_images/.")
-        self.encoder = ConditionEncoder(self.family, self.samples,
-                                        self.cfg.cache.dir if self.cfg.cache.enabled else None,
-                                        self.cfg.data.resolution, 0.0, self.cfg.training.seed)
+        self.records = records
+        # Rollouts render the user's prompts (no caption dropout: the config check refuses it).
+        self.family.prepare(records, caption_dropout=0.0)
         self.guidance = grpo.guidance_scale if grpo.train_cfg or grpo.guidance_scale == 1.0 else 1.0
-        self.sampler_ = DiffusionSampler(self.family, grpo.sample_steps, self.guidance, grpo.noise_level,
-                                         grpo.sde_window)
-        if self.joint and self.guidance != 1.0:
-            raise ConfigError("grpo.guidance_scale with grpo.train_cfg: GLM-Image component: both decodes the AR's "
-                              "tokens without classifier-free guidance; set grpo.guidance_scale: 1.0 (or "
-                              "train_cfg: false).")
+        self.family.setup_rollouts(grpo.sample_steps, self.guidance, grpo.noise_level, grpo.sde_window)
         reward_cfg = self.cfg.to_dict()["reward"]
+        # Each part's total is its own weighted sum of the rewards (`reward.weights.<part>`); one
+        # calculator runs every reward any part uses, once per image.
         self.reward_weights: dict[str, dict[str, float]] = {}
-        if self.joint:
-            # One calculator runs every reward either component uses, once per image; each
-            # component's total is its own weighted sum (`reward.weights.ar` / `reward.weights.dit`).
-            for component in COMPONENTS:
-                table = {n: w for n, w in resolve_weights(reward_cfg, component).items() if w != 0.0}
-                if not table:
-                    raise ConfigError(f"reward.weights.{component}: every reward has weight 0 for the "
-                                      f"{component}; give it at least one reward.")
-                self.reward_weights[component] = table
-            used = [n for n in reward_cfg["rewards"] if any(n in t for t in self.reward_weights.values())]
-            reward_cfg = {**reward_cfg, "weights": {"joint": {n: 1.0 for n in used}}}
-            self.rewards = build_reward_calculator(reward_cfg, "joint")
-            logger.info("Reward weights: ar %s, dit %s", self.reward_weights["ar"], self.reward_weights["dit"])
-        else:
-            self.rewards = build_reward_calculator(reward_cfg, self.cfg.model.component)
+        for part in self.parts:
+            table = {n: w for n, w in resolve_weights(reward_cfg, part.name).items() if w != 0.0}
+            if not table:
+                raise ConfigError(f"reward.weights.{part.name}: every reward has weight 0 for the {part.name}; "
+                                  "give it at least one reward.")
+            self.reward_weights[part.name] = table
+        used = [n for n in reward_cfg["rewards"] if any(n in t for t in self.reward_weights.values())]
+        self.rewards = build_reward_calculator({**reward_cfg, "weights": {"used": {n: 1.0 for n in used}}}, "used")
+        if len(self.parts) > 1:
+            logger.info("Reward weights: %s", ", ".join(f"{k} {v}" for k, v in self.reward_weights.items()))
         self.buffer: dict[int, Rollout] = {}
         self.last_rollout: tuple[list[str], torch.Tensor, list[str]] | None = None  # prompts, images, notes
-        return PromptDataset(self.samples, self.cfg.data.resolution)
+        return self.family.dataset(records, "prompts")
 
-    def setup(self) -> None:
-        super().setup()
+    def batch_sampler(self, base: Any) -> tuple[Any, int]:
         iterations = self.cfg.grpo.num_iterations
-        if iterations > 1:
-            accumulation = self.cfg.training.gradient_accumulation_steps
-            self.sampler = IterationBatchSampler(self.sampler, accumulation, iterations)
-            self.batches_per_epoch = self.sampler.served_per_epoch
-            if not self.cfg.training.max_train_steps:
-                # num_epochs counts passes over the prompts; each pass now takes `iterations`
-                # times more optimizer steps, and the LR schedule spans all of them.
-                self.max_steps = self.sampler.blocks * iterations * self.cfg.training.num_epochs
-                sched = self.cfg.lr_scheduler
-                self.scheduler.lr_lambdas = [lr_lambda(sched.name, sched.warmup_steps, self.max_steps,
-                                                       sched.min_lr_ratio) for _ in self.scheduler.lr_lambdas]
+        if iterations == 1:
+            return base, len(base)
+        sampler = IterationBatchSampler(base, self.cfg.training.gradient_accumulation_steps, iterations)
+        return sampler, sampler.served_per_epoch
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Not used: the GRPO loss is back-propagated per trained timestep in `backward`."""
-        raise TypeError("GRPOTrainer computes its loss per timestep in backward().")
+        """Not used: each part back-propagates its own loss in `backward`."""
+        raise TypeError("GRPOTrainer back-propagates per part in backward().")
 
-    # -- rollouts ------------------------------------------------------------------------------
+    # -- rollout -> score -> advantages --------------------------------------------------------
 
-    def conditions(self, batch: dict[str, Any], repeats: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        if hasattr(self.family, "rollout_conditions"):  # families that build their own sampling conditions
-            return self.family.rollout_conditions(batch, repeats, self.cfg.data.resolution,
-                                                  self.sampler_.guidance_scale)
-        return generation_conditions(self.family, self.encoder, self.samples, batch, repeats,
-                                     self.cfg.data.resolution, self.sampler_.guidance_scale)
-
-    def make_rollout(self, batch: dict[str, Any]) -> Rollout | TokenRollout | JointRollout:
-        """Sample G images per prompt with the current policy, score them, normalise advantages."""
-        if self.token_policy:
-            return self.make_token_rollout(batch)
-        if self.joint:
-            return self.make_joint_rollout(batch)
+    @torch.no_grad()
+    def make_rollout(self, batch: dict[str, Any]) -> Rollout:
         group = self.cfg.grpo.num_generations
-        condition, uncondition = self.conditions(batch, group)
-        trajectory = self.sde_rollout(self.member_generators(batch, SALT_ROLLOUT), condition, uncondition)
-        images = to_unit_images(self.family, trajectory.final)
-        inputs, totals, per_reward = self.score(batch, images, group)
-        advantages, valid, metrics = self.group_advantages(batch, totals, per_reward)
-        self.last_rollout = (inputs.prompts, images, self.notes(totals, per_reward))
-        return Rollout(list(batch["index"]), trajectory, advantages, valid, metrics, condition, uncondition)
+        generation = self.family.rollout(batch, group, self.cfg.training.seed, self.global_step)
+        inputs, totals, per_reward = self.score(batch, generation, group)
+        resampled = 0
+        if self.cfg.grpo.dynamic_sample:
+            resampled = self.resample_tied_groups(batch, group, generation, inputs, totals, per_reward)
+        advantages, valid, metrics = {}, {}, {}
+        for part in self.parts:
+            advantages[part.name], valid[part.name], metrics[part.name] = self.group_advantages(
+                batch, totals, per_reward, part.name)
+            if self.cfg.grpo.dynamic_sample:
+                metrics[part.name]["dynamic_sample/resampled_groups"] = float(resampled)
+        self.last_rollout = (inputs.prompts, generation.images, self.notes(totals, per_reward))
+        return Rollout(list(batch["index"]), group, generation.records, advantages, valid, metrics)
 
-    # -- what every rollout kind shares ----------------------------------------------------------
-
-    def member_generators(self, batch: dict[str, Any], salt: int) -> list[torch.Generator]:
-        """Rollout randomness per (prompt, member), independent of batching and resume."""
-        group, seed = self.cfg.grpo.num_generations, self.cfg.training.seed
-        return [sample_generator(seed, self.global_step, int(index) * group + member, salt)
-                for index in batch["index"] for member in range(group)]
-
-    def sde_rollout(self, generators: list[torch.Generator], condition: dict[str, Any],
-                    uncondition: dict[str, Any] | None = None) -> Trajectory:
-        """The policy's SDE trajectory (per-step log-probs) from noise drawn with `generators`."""
-        size = self.cfg.data.resolution
-        shape = self.family.latent_shape(size, size)
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.device)
-        return self.sampler_.rollout(noise, condition, uncondition, generators=generators)
-
-    def score(self, batch: dict[str, Any], images: torch.Tensor, group: int, tokens: torch.Tensor | None = None
+    def score(self, batch: dict[str, Any], generation: Any, group: int
               ) -> tuple[Any, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(reward inputs, totals, each reward's scores). `totals`: {"": the calculator's total}, or
-        for component: both {"ar": ..., "dit": ...}, each weighted by its `reward.weights` table.
-        With `tokens` (the AR's sampled image tokens), each sample's metadata carries them as
-        `image_tokens` (a list of ints), for token-level rewards."""
-        inputs = reward_inputs(batch, images, group)
-        if tokens is not None:
-            inputs.metadata = [{"image_tokens": row.tolist()} for row in tokens.cpu()]
-        total, per_reward = self.rewards(inputs)
-        if not self.joint:
-            return inputs, {"": total}, per_reward
-        totals = {component: sum((weight * per_reward[name] for name, weight in table.items()),
-                                 torch.zeros(len(total), dtype=torch.float32))
-                  for component, table in self.reward_weights.items()}
+        """(reward inputs, each part's total, each reward's scores). Per-member metadata of the
+        generation (e.g. the sampled `image_tokens`) reaches token-level rewards."""
+        inputs = reward_inputs(batch, generation.images, group)
+        if generation.metadata is not None:
+            inputs.metadata = generation.metadata
+        _, per_reward = self.rewards(inputs)
+        count = len(inputs.prompts)
+        totals = {name: sum((weight * per_reward[reward] for reward, weight in table.items()),
+                            torch.zeros(count, dtype=torch.float32))
+                  for name, table in self.reward_weights.items()}
         return inputs, totals, per_reward
 
-    def reward_stats(self, totals: dict[str, torch.Tensor], per_reward: dict[str, torch.Tensor],
-                     component: str = "") -> dict[str, float]:
-        """`reward/*` statistics of one total (and of the rewards that make it)."""
-        if component:
-            per_reward = {name: per_reward[name] for name in self.reward_weights[component]}
-        return self.rewards.log_stats(totals[component], per_reward)
+    def tied_groups(self, totals: dict[str, torch.Tensor], group: int) -> list[int]:
+        """Prompt positions whose members tie on every part's total (no signal anywhere)."""
+        tied = None
+        for total in totals.values():
+            spread = total.view(-1, group)
+            flat = (spread == spread[:, :1]).all(dim=1)
+            tied = flat if tied is None else tied & flat
+        return [int(p) for p in torch.nonzero(tied).flatten()]
+
+    def resample_tied_groups(self, batch: dict[str, Any], group: int, generation: Any, inputs: Any,
+                             totals: dict[str, torch.Tensor], per_reward: dict[str, torch.Tensor]) -> int:
+        """`grpo.dynamic_sample`: sample tied groups again with new noise, in place; -> groups replaced."""
+        replaced = 0
+        for round_ in range(1, self.cfg.grpo.max_resample_rounds + 1):
+            positions = self.tied_groups(totals, group)
+            if not positions:
+                break
+            sub = select_batch(batch, positions)
+            fresh = self.family.rollout(sub, group, self.cfg.training.seed + round_ * RESAMPLE_SEED_STRIDE,
+                                        self.global_step)
+            _, fresh_totals, fresh_scores = self.score(sub, fresh, group)
+            members = [p * group + m for p in positions for m in range(group)]
+            index = torch.tensor(members)
+            generation.images[index] = fresh.images
+            for name, record in generation.records.items():
+                record.replace_members(members, fresh.records[name])
+            if generation.metadata is not None:
+                for j, member in enumerate(members):
+                    generation.metadata[member] = fresh.metadata[j]
+                inputs.metadata = generation.metadata
+            for table, new in ((totals, fresh_totals), (per_reward, fresh_scores)):
+                for key in table:
+                    table[key][index] = new[key]
+            replaced += len(positions)
+        if replaced:
+            logger.info("dynamic_sample: %d tied group(s) sampled again at step %d.", replaced, self.global_step)
+        return replaced
 
     def group_advantages(self, batch: dict[str, Any], totals: dict[str, torch.Tensor],
-                         per_reward: dict[str, torch.Tensor], component: str = ""
+                         per_reward: dict[str, torch.Tensor], name: str
                          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Group-normalised advantages of one total, its valid mask and its reward metrics.
+        """Group-normalised advantages of one part's total, its valid mask and its reward metrics.
         Group = one prompt of this rank's batch: all G members were sampled here."""
         grpo = self.cfg.grpo
         group_ids = torch.arange(len(batch["index"])).repeat_interleave(grpo.num_generations)
-        advantages, valid, adv_stats = compute_advantages(totals[component].float(), group_ids, grpo.scale_rewards,
+        advantages, valid, adv_stats = compute_advantages(totals[name].float(), group_ids, grpo.scale_rewards,
                                                           grpo.adv_clip_max)
-        metrics = {**self.reward_stats(totals, per_reward, component),
-                   "zero_std_fraction": float(adv_stats["zero_std_fraction"]),
+        metrics = {**self.reward_stats(totals, per_reward, name),
+                   **{key: float(value) for key, value in adv_stats.items() if key.endswith("_fraction")},
                    "advantage_abs_mean": float(advantages.abs().mean())}
         return advantages.to(self.device), valid.to(self.device), metrics
 
+    def reward_stats(self, totals: dict[str, torch.Tensor], per_reward: dict[str, torch.Tensor],
+                     name: str) -> dict[str, float]:
+        """`reward/*` statistics of one part's total and of the rewards that make it."""
+        return self.rewards.log_stats(totals[name], {r: per_reward[r] for r in self.reward_weights[name]})
+
     def notes(self, totals: dict[str, torch.Tensor], per_reward: dict[str, torch.Tensor]) -> list[str]:
-        """Grid captions: `R=<total> name=<score> ...` (component: both: `R_ar=... R_dit=...`)."""
-        if not self.joint:
-            return reward_notes(totals[""], per_reward)
-        lines = reward_notes(totals["ar"], {"R_dit": totals["dit"], **per_reward})
-        return [line.replace("R=", "R_ar=", 1) for line in lines]
+        """Grid captions: `R=<total> name=<score> ...` (several parts: `R_<part>=...` each)."""
+        names = list(totals)
+        if len(names) == 1:
+            return reward_notes(totals[names[0]], per_reward)
+        first, *others = names
+        lines = reward_notes(totals[first], {**{f"R_{n}": totals[n] for n in others}, **per_reward})
+        return [line.replace("R=", f"R_{first}=", 1) for line in lines]
+
+    # -- the policy update ---------------------------------------------------------------------
 
     def position(self) -> tuple[int, int]:
         """(iteration, micro-batch) of the batch being trained: (0, 0) without num_iterations."""
-        if isinstance(self.sampler, IterationBatchSampler):
+        if self.cfg.grpo.num_iterations > 1:
             return self.sampler.position(self.batch_in_epoch)
         return 0, 0
 
@@ -383,221 +290,67 @@ class GRPOTrainer(BaseTrainer):
             rollout = self.make_rollout(batch)
             if self.cfg.grpo.num_iterations > 1:
                 self.buffer[micro] = rollout
-            return rollout, iteration
-        rollout = self.buffer.get(micro)
-        if rollout is None or rollout.indices != list(batch["index"]):
-            raise RuntimeError(
-                f"GRPO num_iterations: no stored rollout for iteration {iteration}, micro-batch {micro} at step "
-                f"{self.global_step}. The checkpoint resumed from lacks {BUFFER_FILE.format(rank='<r>')} "
-                "(its save was interrupted?): resume from an earlier checkpoint.")
-        if isinstance(rollout, JointRollout):
-            if rollout.flow.condition is None:  # restored: recomputed from the stored tokens
-                rollout.flow.condition = self.decoder_condition(batch, rollout.tokens.prompts,
-                                                                rollout.prior_token_ids, rollout.tokens.controls)
-        elif not isinstance(rollout, TokenRollout) and rollout.condition is None:  # restored: recomputed
-            rollout.condition, rollout.uncondition = self.conditions(batch, self.cfg.grpo.num_generations)
+        else:
+            rollout = self.buffer.get(micro)
+            if rollout is None or rollout.indices != list(batch["index"]):
+                raise RuntimeError(
+                    f"GRPO num_iterations: no stored rollout for iteration {iteration}, micro-batch {micro} at "
+                    f"step {self.global_step}. The checkpoint resumed from lacks {BUFFER_FILE.format(rank='<r>')}: "
+                    "resume from an earlier checkpoint.")
+        for part in self.parts:  # conditions dropped by a resume or dynamic_sample are rebuilt
+            part.restore(rollout.records[part.name], batch, rollout.group)
         return rollout, iteration
-
-    # -- the policy update ---------------------------------------------------------------------
 
     def backward(self, batch: dict[str, Any], scale: float) -> dict[str, float]:
         rollout, iteration = self.rollout_for(batch)
-        if isinstance(rollout, JointRollout):
-            # Both losses into the same gradients: one optimizer step updates the AR and the DiT.
-            parts = {"ar": self.token_backward(rollout.tokens, iteration, scale),
-                     "dit": self.flow_backward(rollout.flow, iteration, scale)}
-            metrics = {f"{name}/{key}": value for name, part in parts.items() for key, value in part.items()
-                       if key != "iteration"}
-            return {**metrics, "loss": parts["ar"]["loss"] + parts["dit"]["loss"], "iteration": float(iteration)}
-        if isinstance(rollout, TokenRollout):
-            return self.token_backward(rollout, iteration, scale)
-        return self.flow_backward(rollout, iteration, scale)
-
-    def flow_backward(self, rollout: Rollout, iteration: int, scale: float) -> dict[str, float]:
-        """Flow-GRPO / DDPO: the clipped objective on the recorded transitions of a random
-        `timestep_fraction` of the stochastic steps, back-propagated one step at a time."""
-        grpo, seed = self.cfg.grpo, self.cfg.training.seed
-        trajectory, condition, uncondition = rollout.trajectory, rollout.condition, rollout.uncondition
-        steps = [k for k, stochastic in enumerate(trajectory.stochastic) if stochastic]
-        if grpo.timestep_fraction < 1.0:
-            order = torch.randperm(len(steps), generator=sample_generator(seed, self.global_step, 0, SALT_TIMESTEPS))
-            steps = [steps[i] for i in order[:max(1, round(grpo.timestep_fraction * len(steps)))].tolist()]
-        if not steps:
-            raise ConfigError("No stochastic sampling step to train: raise grpo.noise_level or widen grpo.sde_window.")
-        sums: dict[str, float] = {}
-        ratio_min, ratio_max = float("inf"), float("-inf")
-        epsilons = (grpo.epsilon, grpo.epsilon_high) if grpo.flow_epsilon is None else (grpo.flow_epsilon, None)
-        schedule = self.sampler_.schedule(trajectory.states[0])
-        for k in steps:
-            state, target = trajectory.states[k].to(self.device), trajectory.states[k + 1].to(self.device)
-            step = self.sampler_.step(k, state, condition, uncondition, prev_sample=target, schedule=schedule)
-            loss, stats = clipped_policy_loss(step.log_prob, trajectory.log_probs[:, k].to(self.device),
-                                              rollout.advantages, *epsilons, mask=rollout.valid)
-            if grpo.beta > 0:
-                with torch.no_grad(), self.family.reference():
-                    reference = self.sampler_.step(k, state, condition, uncondition, prev_sample=target,
-                                                   schedule=schedule)
-                kl = flow_kl(step.mean, reference.mean, step.std).mean()
-                loss = loss + grpo.beta * kl
-                stats["kl"] = kl.detach()
-            self.accelerator.backward(loss * scale / len(steps))
-            ratio_min, ratio_max = min(ratio_min, float(stats.pop("ratio_min"))), max(ratio_max,
-                                                                                     float(stats.pop("ratio_max")))
-            for key, value in {"loss": loss.detach(), **stats}.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
-        # Sum, then divide: an on-policy ratio of exactly 1 stays exactly 1 in the logs.
-        means = {key: value / len(steps) for key, value in sums.items()}
-        return {**rollout.metrics, **means, "ratio_min": ratio_min, "ratio_max": ratio_max,
-                "iteration": float(iteration)}
-
-    # -- token GRPO (a token generator feeding a frozen diffusion decoder) ----------------------
-
-    def sample_token_images(self, batch: dict[str, Any], group: int, seed: int, steps: int
-                            ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Sample `group` token sequences per prompt of `batch` with the current policy (one seeded
-        call; the global RNG is left as it was) and decode them with the frozen decoder (ODE, `steps`
-        steps, decoder noise shared within each group). Returns images in [0, 1] and the generation."""
-        size, family = self.cfg.data.resolution, self.family
-        prompts, generation = self.generate_tokens(batch, group, seed)
-        condition = self.decoder_condition(batch, prompts, generation["prior_token_ids"], generation["controls"])
-        shape = family.latent_shape(size, size)
-        noise = torch.stack([torch.randn(shape, generator=sample_generator(self.cfg.training.seed, seed, int(index),
-                                                                           SALT_DECODE))
-                             for index in batch["index"]]).repeat_interleave(group, dim=0)
-        decoder = DiffusionSampler(family, steps, 1.0, noise_level=0.0)
-        images = to_unit_images(family, decoder.rollout(noise.to(self.device), condition).final)
-        return images, generation
-
-    def generate_tokens(self, batch: dict[str, Any], group: int, seed: int) -> tuple[list[str], dict[str, Any]]:
-        """`group` token sequences per prompt with the current AR (one seeded call; the global RNG is
-        left as it was): prompts repeated, and the generation (tokens, logprobs, prior_token_ids,
-        controls: the control pixels repeated per member, or None)."""
-        size = self.cfg.data.resolution
-        prompts = [p for p in batch["prompt"] for _ in range(group)]
-        controls = batch.get("control_pixel_values")
-        if controls is not None:
-            controls = [g.repeat_interleave(group, dim=0).to(self.device) for g in controls]
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # generate_image_tokens seeds the global RNG
-            generation = self.family.generate_image_tokens(prompts, height=size, width=size, seed=seed,
-                                                           control_pixels=controls,
-                                                           temperature=self.cfg.grpo.temperature)
-        generation["controls"] = controls
-        return prompts, generation
-
-    def decoder_condition(self, batch: dict[str, Any], prompts: list[str], prior_token_ids: torch.Tensor,
-                          controls: list[torch.Tensor] | None) -> dict[str, Any]:
-        """The DiT condition for decoding generated tokens (`prompts`: the batch's, each repeated G times)."""
-        size, group = self.cfg.data.resolution, len(prompts) // len(batch["index"])
-        control_paths = [self.samples[i].control_images for i in batch["index"] for _ in range(group)]
-        embeds = self.encoder.encode_prompts(prompts, control_paths, controls)
-        return self.family.condition_from_prior_tokens(embeds, prior_token_ids, size, size, controls)
-
-    def token_rollout_seed(self, batch: dict[str, Any]) -> int:
-        """One token-sampling seed per (step, micro-batch): from its first prompt's index."""
-        draw = sample_generator(self.cfg.training.seed, self.global_step, int(batch["index"][0]), SALT_ROLLOUT)
-        return int(torch.randint(0, 2**31 - 1, (1,), generator=draw))
-
-    @torch.no_grad()
-    def make_token_rollout(self, batch: dict[str, Any]) -> TokenRollout:
-        grpo = self.cfg.grpo
-        group = grpo.num_generations
-        images, generation = self.sample_token_images(batch, group, self.token_rollout_seed(batch), grpo.sample_steps)
-        inputs, totals, per_reward = self.score(batch, images, group, generation["tokens"])
-        advantages, valid, metrics = self.group_advantages(batch, totals, per_reward)
-        self.last_rollout = (inputs.prompts, images, self.notes(totals, per_reward))
-        return TokenRollout(list(batch["index"]), inputs.prompts, generation["tokens"], generation["logprobs"].float(),
-                            advantages, valid, metrics, generation["controls"])
-
-    @torch.no_grad()
-    def make_joint_rollout(self, batch: dict[str, Any]) -> JointRollout:
-        """component: both: the AR samples each member's tokens (per-token log-probs), the DiT decodes
-        them with the SDE (per-step log-probs, own noise per member), the images are scored once and
-        each component gets advantages from its own total (`reward.weights.ar` / `.dit`)."""
-        group = self.cfg.grpo.num_generations
-        indices = list(batch["index"])
-        prompts, generation = self.generate_tokens(batch, group, self.token_rollout_seed(batch))
-        condition = self.decoder_condition(batch, prompts, generation["prior_token_ids"], generation["controls"])
-        trajectory = self.sde_rollout(self.member_generators(batch, SALT_DECODE), condition)
-        images = to_unit_images(self.family, trajectory.final)
-        inputs, totals, per_reward = self.score(batch, images, group, generation["tokens"])
-        parts = {component: self.group_advantages(batch, totals, per_reward, component) for component in COMPONENTS}
-        self.last_rollout = (inputs.prompts, images, self.notes(totals, per_reward))
-        tokens = TokenRollout(indices, inputs.prompts, generation["tokens"], generation["logprobs"].float(),
-                              *parts["ar"], generation["controls"])
-        flow = Rollout(indices, trajectory, *parts["dit"], condition, None)
-        return JointRollout(tokens, flow, generation["prior_token_ids"])
-
-    def token_backward(self, rollout: TokenRollout, iteration: int, scale: float) -> dict[str, float]:
-        grpo, size = self.cfg.grpo, self.cfg.data.resolution
-        count = len(rollout.prompts)
-        batch: dict[str, Any] = {"prompt": rollout.prompts, "image_tokens": rollout.tokens,
-                                 "pixel_values": torch.zeros(count, 3, size, size)}  # sets the size only
-        if rollout.controls is not None:
-            batch["control_pixel_values"] = rollout.controls
-        logprobs = self.family.image_token_logprobs_per_token(batch, temperature=grpo.temperature)
-        reference = None
-        if grpo.beta > 0:
-            with torch.no_grad(), self.family.reference():
-                reference = self.family.image_token_logprobs_per_token(batch, temperature=grpo.temperature)
-        if iteration == 0:
-            old = None  # on-policy: ratio exactly 1 (TRL); the recomputed values serve later iterations
-            rollout.old_logprobs = logprobs.detach()
-        elif rollout.old_logprobs is None:
-            raise RuntimeError("token GRPO: a later iteration without the first iteration's log-probs.")
-        else:
-            old = rollout.old_logprobs
-        # Zero-std groups (advantage 0) are masked out of the loss, as in Flow-GRPO here.
-        mask = rollout.valid[:, None].expand_as(logprobs)
-        loss, stats = token_grpo_loss(logprobs, old, rollout.advantages, mask, grpo.epsilon, grpo.epsilon_high,
-                                      grpo.beta, reference, grpo.loss_type)
-        self.accelerator.backward(loss * scale)
-        with torch.no_grad():
-            gap = (logprobs.detach() - rollout.gen_logprobs.to(logprobs.device)).abs().mean()
-        return {**rollout.metrics, "loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()},
-                "gen_logprob_abs_diff": float(gap), "iteration": float(iteration)}
+        ctx, several = self.context(scale=scale), len(self.parts) > 1
+        metrics: dict[str, float] = {}
+        loss = 0.0
+        for part in self.parts:  # every part's loss into the same gradients: one optimizer step
+            name = part.name
+            part_metrics = part.policy_backward(rollout.records[name], rollout.advantages[name],
+                                                rollout.valid[name], iteration, ctx)
+            loss += part_metrics["loss"]
+            metrics.update(prefixed(name, {**rollout.metrics[name], **part_metrics}, several))
+        metrics["loss"] = loss
+        metrics["iteration"] = float(iteration)
+        return metrics
 
     # -- resumable rollout buffer (num_iterations > 1) ------------------------------------------
 
-    def save_checkpoint(self) -> Path | None:
-        path = super().save_checkpoint()
+    def save_extra_state(self, folder: Path) -> None:
+        """Every rank's rollout buffer, inside the tmp folder (a kill can never leave a `latest`
+        without it)."""
         if self.position()[0] != 0 and self.buffer:  # the next steps still train on this buffer
-            from safetensors.torch import save_file
+            from glm_training.utils import checkpoint as ckpt
 
-            folder = self.run_dir / f"checkpoint-{self.global_step}"
             tensors, meta = {}, {}
             for micro, rollout in self.buffer.items():
                 part_tensors, meta[str(micro)] = rollout.to_tensors(micro)
                 tensors.update(part_tensors)
-            tmp = folder / (BUFFER_FILE.format(rank=self.accelerator.process_index) + ".tmp")
-            save_file(tensors, str(tmp), metadata={"rollouts": json.dumps(meta)})
-            tmp.rename(tmp.with_suffix(""))
-            self.accelerator.wait_for_everyone()
-        return path
+            ckpt.write_tensors(folder / BUFFER_FILE.format(rank=self.accelerator.process_index), tensors,
+                               metadata={"rollouts": json.dumps(meta)})
 
-    def _restore(self, path: Path) -> None:
-        super()._restore(path)
-        file = path / BUFFER_FILE.format(rank=self.accelerator.process_index)
+    def load_extra_state(self, folder: Path) -> None:
+        file = folder / BUFFER_FILE.format(rank=self.accelerator.process_index)
         if not file.is_file():
             return
         from safetensors import safe_open
 
         with safe_open(str(file), framework="pt") as handle:
             meta = json.loads(handle.metadata()["rollouts"])
-            kinds = {"tokens": TokenRollout, "both": JointRollout}
             for micro, info in meta.items():
-                kind = kinds.get(info.get("kind"), Rollout)
-                self.buffer[int(micro)] = kind.from_tensors(handle, micro, info, self.device)
+                self.buffer[int(micro)] = Rollout.from_tensors(handle, micro, info, self.parts, self.device)
 
-    # -- evaluation with the ODE sampler ---------------------------------------------------------
+    # -- evaluation ------------------------------------------------------------------------------
 
-    def eval_samples(self) -> list[Sample]:
+    def eval_records(self) -> list[Record]:
         """`logging.sample_prompts` (+ `sample_control_images`), else the first training prompts."""
         log = self.cfg.logging
         if log.sample_prompts:
             controls = log.sample_control_images or [None] * len(log.sample_prompts)
-            return [Sample(p, None, [Path(c)] if c else []) for p, c in zip(log.sample_prompts, controls)]
-        return self.samples[:EVAL_PROMPTS_FALLBACK]
+            return [Record(p, controls=[Path(c)] if c else []) for p, c in zip(log.sample_prompts, controls)]
+        return self.records[:EVAL_PROMPTS_FALLBACK]
 
     @contextlib.contextmanager
     def _unwrapped_modules(self) -> Iterator[None]:
@@ -611,45 +364,20 @@ class GRPOTrainer(BaseTrainer):
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
-        """ODE samples of the eval prompts, scored; returns (and logs) `eval/reward/*`."""
-        grpo, size = self.cfg.grpo, self.cfg.data.resolution
-        samples = self.eval_samples()
-        dataset = PromptDataset(samples, size)
-        batch = collate([dataset[i] for i in range(len(dataset))])
-        if self.token_policy or self.joint:  # tokens sampled at a fixed seed, decoded with eval_steps ODE steps
-            saved_samples, self.samples = self.samples, samples  # batch indices refer to the eval samples
-            try:
-                with self._unwrapped_modules():
-                    images, generation = self.sample_token_images(batch, 1, self.cfg.logging.sample_seed,
-                                                                  grpo.eval_steps)
-            finally:
-                self.samples = saved_samples
-            return self.log_eval(batch, images, step, generation["tokens"])
-        sampler = DiffusionSampler(self.family, grpo.eval_steps, self.sampler_.guidance_scale, noise_level=0.0)
-        saved_samples, self.samples = self.samples, samples  # generation_conditions reads control paths
-        try:
-            with self._unwrapped_modules():
-                condition, uncondition = self.conditions(batch, 1)
-                shape = self.family.latent_shape(size, size)
-                noise = torch.stack([torch.randn(shape, generator=sample_generator(
-                    self.cfg.logging.sample_seed, 0, i, SALT_ROLLOUT)) for i in range(len(samples))])
-                latents = sampler.rollout(noise.to(self.device), condition, uncondition).final
-                images = to_unit_images(self.family, latents)
-        finally:
-            self.samples = saved_samples
-        return self.log_eval(batch, images, step)
-
-    def log_eval(self, batch: dict[str, Any], images: torch.Tensor, step: int,
-                 tokens: torch.Tensor | None = None) -> dict[str, float]:
-        """Score the eval images, log `eval/reward/*` (component: both: `eval/ar/reward/*`,
-        `eval/dit/reward/*`), save the grid."""
-        _, totals, per_reward = self.score(batch, images, 1, tokens)
-        if self.joint:
-            metrics = {f"eval/{component}/{k}": v for component in COMPONENTS
-                       for k, v in self.reward_stats(totals, per_reward, component).items()}
-        else:
-            metrics = {f"eval/{k}": v for k, v in self.reward_stats(totals, per_reward).items()}
+        """Deterministic samples of the eval prompts, scored; returns (and logs) `eval/reward/*`."""
+        records = self.eval_records()
+        batch = collate([self.family.dataset(records, "prompts")[i] for i in range(len(records))])
+        with self._unwrapped_modules():
+            generation = self.family.eval_images(batch, records, self.cfg.logging.sample_seed,
+                                                 self.cfg.grpo.eval_steps, self.guidance)
+        _, totals, per_reward = self.score(batch, generation, 1)
+        several = len(self.parts) > 1
+        metrics = {}
+        for name in totals:
+            stats = self.reward_stats(totals, per_reward, name)
+            metrics.update({f"eval/{name}/{k}" if several else f"eval/{k}": v for k, v in stats.items()})
         self.trackers.log(metrics, step)
+        images = generation.images
         self.save_samples(_pil(images), list(batch["prompt"]), step, notes=self.notes(totals, per_reward))
         return metrics
 
@@ -657,7 +385,7 @@ class GRPOTrainer(BaseTrainer):
         metrics = self.evaluate(step)
         reward = ", ".join(f"{k[len('eval/'):-len('/reward/total_mean')] or 'total'} {v:.4f}"
                            for k, v in metrics.items() if k.endswith("reward/total_mean"))
-        logger.info("Step %d: eval reward %s (ODE, %d steps)", step, reward, self.cfg.grpo.eval_steps)
+        logger.info("Step %d: eval reward %s (%d steps)", step, reward, self.cfg.grpo.eval_steps)
         if self.last_rollout is not None:
             prompts, images, notes = self.last_rollout
             self.save_samples(_pil(images), prompts, step, notes=notes, name="rollout")

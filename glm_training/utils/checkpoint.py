@@ -2,29 +2,47 @@
 
 - Run folders are `output_dir/<project>/v0, v1, ...`; a new run takes the next free number
   (created with mkdir, which fails rather than reuse a folder).
-- A checkpoint is written into `checkpoint-<step>.tmp-<pid>` and renamed to `checkpoint-<step>`
-  only when complete, with `trainer_state.json` written last; `latest` only ever considers
-  complete folders, so a killed save is never resumed from.
+- Every file of a checkpoint (trainable tensors, optimizer, scheduler, each rank's RNG, the
+  user-facing LoRA files, trainer extras such as GRPO's rollout buffer) is written and fsynced
+  inside `checkpoint-<step>.tmp-<pid>`; `trainer_state.json` comes last, then one rename makes it
+  `checkpoint-<step>`. `latest` only ever considers complete folders, so a killed save is never
+  resumed from. With several processes every rank writes its own files into the same tmp
+  folder (rank 0 names it); rank 0 renames, then prunes.
+- Pruning first renames an old checkpoint to a `.tmp-` name (one atomic step), then deletes it:
+  a kill mid-delete leaves only a tmp folder, never a half-deleted "complete" checkpoint.
+- Tmp folders of killed processes are removed when a run (re)starts in that folder.
 - Nothing is pickled except the optimizer state, which is read back with `weights_only=True`.
+
+All checkpoint bytes go through `write_bytes` (and the family's user-facing files through
+`write_external`), renames through `publish`, deletions through `remove_tree`: one place each
+to make durable, and for tests to inject faults into.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TMP_MARK = ".tmp-"
 STATE_FILE = "trainer_state.json"
 
+
+# ---------------------------------------------------------------------------------------------
+# Run folders
+# ---------------------------------------------------------------------------------------------
 
 def new_run_dir(output_dir: str | Path, project: str) -> Path:
     base = Path(output_dir) / project
@@ -39,6 +57,47 @@ def new_run_dir(output_dir: str | Path, project: str) -> Path:
             continue  # another run took it a moment ago
 
 
+def snapshot_entries(run_dir: Path) -> set[str]:
+    """Relative paths of everything under `run_dir` (to undo what a failed start added)."""
+    if not run_dir.is_dir():
+        return set()
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*")}
+
+
+@dataclass
+class RunStart:
+    """What a starting run found: its folder, whether this start created it, the entries that
+    were there before (a resumed run), and the step it started from."""
+
+    run_dir: Path
+    created: bool
+    entries_before: set[str] = field(default_factory=set)
+    step: int = 0
+
+
+def discard_failed_start(start: RunStart) -> list[Path]:
+    """Undo a start that failed before training anything: remove the run folder it created, or
+    (a resumed run) every file and folder it added to the existing one. -> what was removed."""
+    run_dir, created, before = start.run_dir, start.created, start.entries_before
+    if not run_dir.is_dir():
+        return []
+    if created:
+        remove_tree(run_dir)
+        return [run_dir]
+    added = sorted((p for p in run_dir.rglob("*") if str(p.relative_to(run_dir)) not in before),
+                   key=lambda p: len(p.parts))
+    removed = []
+    for path in added:
+        if any(parent in removed for parent in path.parents):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            remove_tree(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not run_dir.is_dir():
@@ -46,6 +105,22 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in run_dir.iterdir()
              if (m := CHECKPOINT_RE.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
+
+
+def stale_tmp_folders(run_dir: Path) -> list[Path]:
+    """`checkpoint-*.tmp-*` folders: half-written saves or half-pruned checkpoints of killed runs."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.iterdir()
+                  if p.name.startswith("checkpoint-") and TMP_MARK in p.name and p.is_dir())
+
+
+def remove_stale_tmp(run_dir: Path) -> list[Path]:
+    """Remove the tmp folders of killed processes (call on rank 0 before this run saves)."""
+    stale = stale_tmp_folders(run_dir)
+    for path in stale:
+        remove_tree(path)
+    return stale
 
 
 def find_latest_checkpoint(output_dir: str | Path, project: str) -> Path | None:
@@ -61,6 +136,10 @@ def find_latest_checkpoint(output_dir: str | Path, project: str) -> Path | None:
             return checkpoints[-1]
     return None
 
+
+# ---------------------------------------------------------------------------------------------
+# RNG state
+# ---------------------------------------------------------------------------------------------
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
@@ -86,32 +165,139 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+# ---------------------------------------------------------------------------------------------
+# Writing: every byte of a checkpoint goes through these
+# ---------------------------------------------------------------------------------------------
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write one checkpoint file and fsync it, so the rename never publishes unflushed data."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
+
+
+def write_json(path: Path, value: Any, indent: int | None = None) -> None:
+    write_bytes(path, json.dumps(value, indent=indent).encode("utf-8"))
+
+
+def write_torch(path: Path, value: Any) -> None:
+    """Only for the optimizer state (plain tensors and numbers; read back with weights_only)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def write_external(folder: Path, writer: Callable[[Path], Any]) -> Any:
+    """Files a library writes itself (the family's diffusers / peft LoRA files) into `folder`."""
+    result = writer(folder)
+    _fsync_tree(folder)
+    return result
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """The single rename that makes a checkpoint complete."""
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems do not fsync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: begin (rank 0) -> rank and main files (each rank) -> commit (rank 0)
+# ---------------------------------------------------------------------------------------------
+
+def tmp_folder_name(step: int) -> str:
+    return f"checkpoint-{step}{TMP_MARK}{os.getpid()}"
+
+
+def begin_checkpoint(run_dir: Path, name: str) -> Path:
+    tmp = run_dir / name
+    if tmp.exists():
+        remove_tree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rank_state(folder: Path, rank: int, rng: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> None:
+    tensors, meta = rng
+    write_tensors(folder / f"rng_state_{rank}.safetensors", tensors)
+    write_json(folder / f"rng_state_{rank}.json", meta)
+
+
+def write_training_state(folder: Path, *, trainable: dict[str, torch.Tensor],
+                         optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    write_tensors(folder / "trainable.safetensors", trainable)
+    write_torch(folder / "optimizer.pt", optimizer.state_dict())
+    write_json(folder / "scheduler.json", scheduler.state_dict())
+
+
+def commit_checkpoint(folder: Path, step: int, trainer_state: dict[str, Any],
+                      total_limit: int | None = None) -> Path:
+    """Mark `folder` complete (trainer_state.json last), rename it to `checkpoint-<step>`, then
+    prune to the newest `total_limit` complete checkpoints."""
+    write_json(folder / STATE_FILE, trainer_state, indent=2)
+    _fsync_dir(folder)
+    final = folder.parent / f"checkpoint-{step}"
+    if final.exists():  # same step saved again (e.g. signal right after a periodic save)
+        aside = final.with_name(f"{final.name}{TMP_MARK}replaced-{os.getpid()}")
+        os.replace(final, aside)
+        publish(folder, final)
+        remove_tree(aside)
+    else:
+        publish(folder, final)
+    if total_limit:
+        prune_checkpoints(folder.parent, total_limit)
+    return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in list_checkpoints(run_dir)[:-keep]:
+        aside = old.with_name(f"{old.name}{TMP_MARK}pruned-{os.getpid()}")
+        os.replace(old, aside)  # no longer a checkpoint from here on, even if the delete is cut short
+        remove_tree(aside)
+
+
 def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict[str, Any],
                     rank_rng: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
-                    extra_writer: Any = None, total_limit: int | None = None) -> Path:
-    """Write a complete checkpoint atomically; `extra_writer(folder)` adds user-facing files."""
-    final = run_dir / f"checkpoint-{step}"
-    tmp = run_dir / f"checkpoint-{step}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-    for rank, (tensors, meta) in enumerate(rank_rng):
-        save_file(tensors, str(tmp / f"rng_state_{rank}.safetensors"))
-        (tmp / f"rng_state_{rank}.json").write_text(json.dumps(meta))
+                    extra_writer: Callable[[Path], Any] | None = None, total_limit: int | None = None) -> Path:
+    """One process writes a whole checkpoint (each rank's RNG given in `rank_rng`);
+    `extra_writer(folder)` adds the user-facing files before the rename."""
+    tmp = begin_checkpoint(run_dir, tmp_folder_name(step))
+    for rank, rng in enumerate(rank_rng):
+        write_rank_state(tmp, rank, rng)
+    write_training_state(tmp, trainable=trainable, optimizer=optimizer, scheduler=scheduler)
     if extra_writer is not None:
-        extra_writer(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-    if final.exists():  # same step saved again (e.g. signal right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    if total_limit:
-        for old in list_checkpoints(run_dir)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+        write_external(tmp, extra_writer)
+    return commit_checkpoint(tmp, step, trainer_state, total_limit)
 
 
 def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:

@@ -71,11 +71,15 @@ def _skip_space(text: str, index: int) -> int:
 
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line, record) of a .jsonl (one object per line) or .json (list of objects) file."""
+    from glm_training.data.readers import DataError, read_text
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text(path)  # UTF-8 with or without a byte-order mark
     except OSError as error:
         raise BagelDataError(f"{path}: cannot read the data file ({error.strerror}).") from None
+    except DataError as error:
+        raise BagelDataError(str(error)) from None
     if path.suffix == ".jsonl":
         for number, raw in enumerate(text.splitlines(), start=1):
             if not raw.strip():
@@ -167,6 +171,17 @@ def _parse_conversation(turns: Any, where: str, root: Path) -> BagelSample:
         else:
             items.append(VitImageItem(value))
     return BagelSample(items, where)
+
+
+def record_plan(record: Any) -> BagelSample:
+    """The sequence plan of a `Record` without a conversation: its control images (clean VAE
+    latents + ViT, droppable), its prompt (droppable) and its target image (generation, MSE loss);
+    text-to-image when it has no controls, as `text_prompt` + `image_path` records are."""
+    items: list[SequenceItem] = []
+    for control in record.controls:
+        items += [VaeImageItem(control, loss=False, cfg=True), VitImageItem(control, cfg=True)]
+    items += [TextItem(record.prompt, loss=False, cfg=True), VaeImageItem(record.target, loss=True)]
+    return BagelSample(items, str(record.metadata.get("source", record.target)))
 
 
 def load_bagel_samples(paths: str | Path | list[str | Path], image_root: str | Path | None = None) -> list[BagelSample]:

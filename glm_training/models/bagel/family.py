@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from glm_training.config import ConfigError
+from glm_training.config import ConfigError, option_field
 from glm_training.models.base import ModelFamily
-from glm_training.models.bagel.data import load_bagel_samples
+from glm_training.parts import Denoiser
+from glm_training.parts.denoiser import preference_from_errors
+from glm_training.models.bagel.data import record_plan
 from glm_training.models.bagel.loading import load_bagel, load_bagel_tokenizer, save_bagel
 from glm_training.models.bagel.lora import load_lora, lora_target_modules, save_lora
 from glm_training.models.bagel.model import global_token_mean
@@ -24,6 +27,15 @@ from glm_training.models.bagel.packing import (
     VitImageItem,
     pack_samples,
 )
+
+
+@dataclass
+class BagelOptions:
+    """The `bagel:` config section (model.family: bagel)."""
+
+    text_loss_weight: float = option_field(1.0, min=0, doc="SFT: weight of the text cross-entropy "
+                                           "(understanding answers).")
+    image_loss_weight: float = option_field(1.0, min=0, doc="SFT: weight of the image flow MSE (generation).")
 
 
 class BagelSampleDataset(torch.utils.data.Dataset):
@@ -44,6 +56,23 @@ class BagelFamily(ModelFamily):
     component_groups = {"und": ("bagel",), "gen": ("bagel",), "both": ("bagel",)}
     default_component = "both"
     default_lora_targets: dict[str, list[str]] = {}
+    modes = ("t2i", "i2i")
+    max_control_images = 1  # BAGEL edits one source image per prompt
+    options = BagelOptions
+    renamed_keys = {"training.text_loss_weight": "bagel.text_loss_weight",
+                    "training.image_loss_weight": "bagel.image_loss_weight"}
+    ignored_keys = {
+        "data.center_crop": "images are resized to the packing sizes, not cropped",
+        "data.random_flip": "its packing does not flip images",
+        "data.control_dropout": "its packing drops the source image's ViT/VAE tokens itself (0.3, the official recipe)",
+        "training.noise_offset": "its flow timesteps and noise are drawn by the packing",
+        "training.weighting_scheme": "its timesteps follow the official shifted schedule",
+        "training.logit_mean": "its timesteps follow the official shifted schedule",
+        "training.logit_std": "its timesteps follow the official shifted schedule",
+        "training.mode_scale": "its timesteps follow the official shifted schedule",
+        "lora.save_format": "its adapters are saved as a peft folder (adapter_model.safetensors)",
+        "cache.enabled": "its packed sequences are built per step, there is nothing to cache",
+    }
 
     def load(self) -> None:
         if self.cfg.training.method == "grpo" and self.component_group != "gen":
@@ -74,45 +103,46 @@ class BagelFamily(ModelFamily):
 
     def packing(self) -> PackingConfig:
         size = self.cfg.data.resolution
+        # data.caption_dropout is the prompt (text CFG) dropout, as for every family.
         return PackingConfig.for_model(self.model.bagel_config, vae_max_size=size, vae_min_size=min(512, size),
-                                       vit_max_size=min(980, size), vit_min_size=min(378, size))
+                                       vit_max_size=min(980, size), vit_min_size=min(378, size),
+                                       text_cond_dropout=self.cfg.data.caption_dropout)
 
     # -- the token + flow side used by the SFT trainer ---------------------------------------------
 
-    def build_sft_dataset(self) -> BagelSampleDataset:
-        try:
-            return BagelSampleDataset(load_bagel_samples(self.cfg.data.path))
-        except FileNotFoundError as error:
-            raise ConfigError(f"data.path: {error}") from None
+    def make_parts(self) -> list[Any]:
+        return [BagelPart(self, "bagel")]
+
+    def dataset(self, records: list, layout: str) -> torch.utils.data.Dataset:
+        """Packed sequences: a conversation's plan, or a record's prompt -> target (with its source
+        image for edits); pairs keep their records (`preference_errors` packs both sides)."""
+        if layout == "images":
+            return BagelSampleDataset([r.metadata.get("conversation") or record_plan(r) for r in records])
+        if layout == "pairs":
+            return BagelSampleDataset(records)
+        return super().dataset(records, layout)
 
     def sft_loss(self, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
         """One pack per micro-batch; `seed` fixes the CFG dropout, timesteps and noise of the pack."""
         packed = pack_samples(batch["sample"], self.tokenizer, self.special, self.model.bagel_config,
                               self.packing(), rng=random.Random(seed))
-        training = self.cfg.training
+        options = self.cfg.family_options or BagelOptions()
         out = self.modules["bagel"](packed, generator=torch.Generator().manual_seed(seed))
         # Per-token means over the tokens of every process (logged values stay per process).
         text = global_token_mean(out["text_token_ce"].sum(), int(out["n_text_tokens"]))
         image = global_token_mean(out["image_mse_per_sample"].sum(), int(out["n_image_tokens"]))
-        loss = training.text_loss_weight * text + training.image_loss_weight * image
+        loss = options.text_loss_weight * text + options.image_loss_weight * image
         return loss, {"loss": loss.item(), "text_ce": out["text_ce"].item(),
                       "image_mse": out["image_mse"].item()}
 
     # -- the flow side on preference pairs, used by the DPO trainer -------------------------------
-
-    #: What DPO trains here: the family's own per-sample flow errors (`preference_errors`) on its
-    #: own dataset (`build_preference_dataset`), not the diffusion-family latents path.
-    preference_terms = ("errors",)
-
-    def build_preference_dataset(self, pairs: list) -> BagelSampleDataset:
-        return BagelSampleDataset(pairs)
 
     def preference_errors(self, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample flow MSE (mean over each image's generation tokens) of [chosen; rejected], for
         the policy (with grad) and the reference (adapter disabled, no grad). Winner and loser of a
         pair share the prompt dropout, the timestep (same packing draws) and the noise."""
         pairs = batch["sample"]
-        packs = [pack_samples([generation_sample(p.prompt, getattr(p, side), p.control_images) for p in pairs],
+        packs = [pack_samples([generation_sample(p.prompt, getattr(p, side), p.controls) for p in pairs],
                               self.tokenizer, self.special, self.model.bagel_config, self.packing(),
                               rng=random.Random(seed))
                  for side in ("chosen", "rejected")]
@@ -271,3 +301,32 @@ def flow_sampling_objective():
     from glm_training.models.bagel.generate import SAMPLING_TIMESTEP_SHIFT
 
     return FlowMatchingObjective(FlowShift(shift=SAMPLING_TIMESTEP_SHIFT))
+
+
+class BagelPart(Denoiser):
+    """BAGEL's generation side as a denoiser: SFT and DPO on its own packed sequences (text CE +
+    image flow MSE; per-sample flow errors of [chosen; rejected]), and the shared sampler's
+    rollouts on its latent tokens with conditions prefilled by the understanding expert. The seed
+    of a micro-batch (prompt dropout, timesteps, noise) depends on the data position only."""
+
+    sft_needs = frozenset({"conversation"})
+    caption_dropout = 0.0  # BAGEL's packing drops prompts itself (data.caption_dropout)
+
+    def prepare(self, records: list, caption_dropout: float | None = None, use_cache: bool = True) -> None:
+        self.records = records  # no encoder: the packing encodes each step
+
+    def batch_seed(self, batch: dict[str, Any], epoch: int) -> int:
+        return self.cfg.training.seed * 1_000_003 + epoch * 10_007 + int(batch["index"][0])
+
+    def sft_loss(self, batch, ctx):
+        return self.family.sft_loss(batch, self.batch_seed(batch, ctx.epoch))
+
+    def preference_loss(self, batch, ctx, pairs, beta):
+        errors, ref_errors = self.family.preference_errors(batch, self.batch_seed(batch, ctx.epoch))
+        return preference_from_errors(errors, ref_errors, beta, self.cfg.dpo)
+
+    def cached_prompt_embeds(self, prompts: list[str]) -> dict[str, Any]:
+        return {}
+
+    def generation_conditions(self, batch, repeats, guidance_scale, records=None, inputs=None):
+        return self.family.rollout_conditions(batch, repeats, self.cfg.data.resolution, guidance_scale)

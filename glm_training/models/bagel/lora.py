@@ -79,12 +79,18 @@ def load_lora(model: nn.Module, path: str | Path, adapter_name: str = "default")
     folder = path if path.is_dir() else path.parent
     weights_path = folder / ADAPTER_WEIGHTS_FILE if path.is_dir() else path
     state = load_file(str(weights_path))
+    config_path = folder / ADAPTER_CONFIG_FILE
     if adapter_name not in getattr(model, "peft_config", {}):
-        config_path = folder / ADAPTER_CONFIG_FILE
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} is missing: cannot rebuild the LoRA layers for {weights_path}.")
         config = LoraConfig.from_pretrained(str(folder))
         add_lora(model, config, adapter_name)
+    elif config_path.is_file():
+        # Weights copied into an existing adapter keep its lora_alpha: it must be the file's.
+        from glm_training.models.lora_io import check_pretrained_alpha
+
+        check_pretrained_alpha(model, json.loads(config_path.read_text()).get("lora_alpha"), weights_path,
+                               "bagel", adapter_name)
     expected = set(lora_state_dict(model, adapter_name))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:

@@ -65,3 +65,13 @@ def ensure_tiny(name: str, root: str | Path | None = None, seed: int = 0) -> Pat
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _register_reward_models() -> None:
+    # The rewards' `model: tiny:clip` resolves through this (rewards must not import models).
+    from glm_training.rewards.clip import register_model_source
+
+    register_model_source("tiny", ensure_tiny)
+
+
+_register_reward_models()

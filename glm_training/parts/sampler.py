@@ -34,7 +34,9 @@ class Trajectory:
 
 
 class DiffusionSampler:
-    def __init__(self, family: DiffusionFamily, num_steps: int, guidance_scale: float = 1.0,
+    """`family`: anything with the denoiser hooks `objective` and `predict` (a `Denoiser` part)."""
+
+    def __init__(self, family: Any, num_steps: int, guidance_scale: float = 1.0,
                  noise_level: float = 0.7, sde_window: list[int] | None = None):
         self.family = family
         self.num_steps = num_steps
@@ -106,16 +108,6 @@ class DiffusionSampler:
         return Trajectory(states, torch.stack(log_probs, dim=1), [self.stochastic(k) for k in range(self.num_steps)])
 
 
-#: What `DiffusionSampler`, `to_unit_images` and the flow GRPO path call on a family.
-LATENT_SAMPLING = ("objective", "latent_shape", "predict", "decode_latents")
-
-
-def samples_latents(family: Any) -> bool:
-    """Whether `family` offers the diffusion-side sampling interface: every DiffusionFamily, and
-    families that present it without being one (e.g. a unified model's generation side)."""
-    return isinstance(family, DiffusionFamily) or all(hasattr(family, name) for name in LATENT_SAMPLING)
-
-
 # -- what the online trainers (GRPO, online DPO) share around the sampler ----------------------
 
 
@@ -130,7 +122,7 @@ def generation_conditions(family: DiffusionFamily, encoder: Any, samples: list, 
                   "crop_top_left": torch.zeros(count, 2, dtype=torch.long),
                   "target_size": torch.tensor([[resolution, resolution]] * count)}
     controls = batch.get("control_pixel_values")
-    control_paths = [samples[i].control_images for i in batch["index"] for _ in range(repeats)]
+    control_paths = [samples[i].controls for i in batch["index"] for _ in range(repeats)]
     if controls is not None:
         controls = [group.repeat_interleave(repeats, dim=0) for group in controls]
         generation["control_latents"] = [
@@ -143,7 +135,7 @@ def generation_conditions(family: DiffusionFamily, encoder: Any, samples: list, 
     return condition, uncondition
 
 
-def to_unit_images(family: DiffusionFamily, latents: torch.Tensor) -> torch.Tensor:
+def to_unit_images(family: Any, latents: torch.Tensor) -> torch.Tensor:
     """Decoded images in [0, 1], float32 on the CPU (what rewards take)."""
     with torch.no_grad():
         return ((family.decode_latents(latents).float() + 1) / 2).clamp(0, 1).cpu()
@@ -159,7 +151,8 @@ def reward_inputs(batch: dict[str, Any], images: torch.Tensor, repeats: int) -> 
 
     return RewardInputs(
         images=images, prompts=[p for p in batch["prompt"] for _ in range(repeats)],
-        target_images=repeat(batch["target_images"]) if "target_images" in batch else None,
+        target_images=(repeat((batch["target_pixel_values"] + 1) / 2)  # datasets emit [-1, 1]; rewards take [0, 1]
+                       if "target_pixel_values" in batch else None),
         source_images=(repeat((batch["control_pixel_values"][0] + 1) / 2)
                        if "control_pixel_values" in batch else None))
 

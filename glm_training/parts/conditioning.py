@@ -19,14 +19,14 @@ from typing import Any
 import torch
 
 from glm_training.data.cache import EmbeddingCache
-from glm_training.data.datasets import Sample, sample_generator
+from glm_training.data.datasets import Record, sample_generator
 from glm_training.models.base import DiffusionFamily
+from glm_training.parts.common import SALT_CONTROL_DROPOUT, SALT_NOISE, drop_captions
 
-SALT_CAPTION_DROPOUT, SALT_NOISE, SALT_CONTROL_DROPOUT = 4, 3, 8
 
 
 class ConditionEncoder:
-    def __init__(self, family: DiffusionFamily, samples: list[Sample], cache_dir: str | None,
+    def __init__(self, family: DiffusionFamily, samples: list[Record], cache_dir: str | None,
                  resolution: int, caption_dropout: float = 0.0, seed: int = 0,
                  random_flip: bool = False, control_dropout: float = 0.0):
         self.family = family
@@ -41,13 +41,7 @@ class ConditionEncoder:
     # -- prompts --------------------------------------------------------------------------------
 
     def prompts_for(self, batch: dict[str, Any], epoch: int) -> list[str]:
-        prompts = list(batch["prompt"])
-        if self.caption_dropout > 0:
-            for i, index in enumerate(batch["index"]):
-                draw = torch.rand(1, generator=sample_generator(self.seed, epoch, index, SALT_CAPTION_DROPOUT))
-                if draw.item() < self.caption_dropout:
-                    prompts[i] = ""
-        return prompts
+        return drop_captions(batch, epoch, self.seed, self.caption_dropout)
 
     def drops_controls(self, batch: dict[str, Any], epoch: int) -> bool:
         """Whether this micro-batch is trained without its control images (data.control_dropout)."""
@@ -101,8 +95,8 @@ class ConditionEncoder:
         """-> (target latents, condition for `family.predict`)."""
         samples = [self.samples[i] for i in batch["index"]]
         flips = batch.get("flip", [False] * len(samples))
-        latents = self.encode_latents(batch["pixel_values"], [s.image for s in samples], flips)
-        control_paths = [s.control_images for s in samples]
+        latents = self.encode_latents(batch["pixel_values"], [s.target for s in samples], flips)
+        control_paths = [s.controls for s in samples]
         if self.drops_controls(batch, epoch):  # text-to-image for this micro-batch
             batch = {k: v for k, v in batch.items() if k != "control_pixel_values"}
             control_paths = [[] for _ in samples]
@@ -131,11 +125,11 @@ class ConditionEncoder:
     def fill(self, batch: dict[str, Any]) -> None:
         """Compute and store every cache entry of a batch (all of its epochs' variants)."""
         samples = [self.samples[i] for i in batch["index"]]
-        paths, flips = [s.image for s in samples], batch["flip"]
+        paths, flips = [s.target for s in samples], batch["flip"]
         self.encode_latents(batch["pixel_values"], paths, flips)
         if self.random_flip:  # the other orientation is used in other epochs
             self.encode_latents(batch["pixel_values"].flip(-1), paths, [not f for f in flips])
-        control_paths = [s.control_images for s in samples]
+        control_paths = [s.controls for s in samples]
         if self.caption_dropout > 0:
             if self.family.prompt_uses_images:  # the empty prompt is still encoded with each sample's images
                 self.encode_prompts([""] * len(samples), control_paths, batch.get("control_pixel_values"))
