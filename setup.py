@@ -21,7 +21,10 @@ setup(
     package_data={"glm_training": ["models/architectures/**/*.json"]},
     install_requires=requirements,
     extras_require={"optim": ["bitsandbytes", "prodigyopt"], "ocr": ["paddleocr"],
-                    "eval": ["torch-fidelity==0.4.0"]},  # Inception for FID/KID
+                    "eval": ["torch-fidelity==0.4.0"],  # Inception for FID/KID
+                    "quant": ["bitsandbytes==0.50.2"],  # model.quantize nf4 (CUDA only)
+                    "qlora": ["bitsandbytes==0.50.2"],  # prompt_policy.train_type: qlora (4-bit policy base, CUDA)
+                    "deepspeed": ["deepspeed==0.19.8"]},  # accelerate launch with configs/accelerate/deepspeed_zero*.yaml
     py_modules=["train", "train_ar", "train_dit"],
     entry_points={"console_scripts": ["glm-train=glm_training.cli:main",
                                      "glm-predict=glm_training.predict:main"]},

@@ -64,9 +64,13 @@ def measure_tiny(args: argparse.Namespace) -> dict:
     if not reset_peak_rss():
         raise SystemExit("this OS does not allow resetting the peak RSS (/proc/self/clear_refs)")
     started = time.perf_counter()
-    SFTTrainer(cfg).train()
+    run_dir = SFTTrainer(cfg).train()
     seconds = time.perf_counter() - started
-    measured = peak_rss_bytes() - baseline
+    # The trainer resets the peak after logging each step (per-step peaks in metrics.jsonl): the
+    # run's peak is the largest of them, or what is left since the last step.
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    logged = [row["memory/peak_rss_gb"] * 2**30 for row in rows if "memory/peak_rss_gb" in row]
+    measured = max([peak_rss_bytes(), *logged]) - baseline
     plan = plan_memory(cfg)
     return {"family": args.family, "resolution": args.resolution, "batch_size": args.batch_size,
             "checkpointing": args.checkpointing, "measured_bytes": measured, "estimate_bytes": plan.total_bytes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ TRAINERS = {
     "sft": "glm_training.trainers.sft:SFTTrainer",
     "dpo": "glm_training.trainers.dpo:DPOTrainer",
     "grpo": "glm_training.trainers.grpo:GRPOTrainer",
+    "nft": "glm_training.trainers.nft:NFTTrainer",
 }
 
 
@@ -36,6 +38,107 @@ def trainer_class(method: str) -> type:
             raise ConfigError(f"training.method: {method} is not available in this version.") from None
         raise
     return getattr(module, class_name)
+
+
+#: ms-swift-style flags (for people coming from seed 002's `swift rlhf` command lines) -> the
+#: config keys they set. The README's "Prompt-policy GRPO" section prints this table.
+SWIFT_FLAGS: dict[str, tuple[str, str]] = {
+    "--train_type": ("lora|qlora|full", "prompt_policy.train_type (prompt_policy only) and lora.enabled (false for full)"),
+    "--model": ("PATH", "model.pretrained_model_name_or_path"),
+    "--lora_rank": ("N", "lora.rank"),
+    "--lora_alpha": ("A", "lora.alpha"),
+    "--target_modules": ("NAME ...", "lora.target_modules (all-linear: every Linear layer but the head)"),
+    "--learning_rate": ("LR", "training.learning_rate"),
+    "--per_device_train_batch_size": ("N", "training.batch_size"),
+    "--gradient_accumulation_steps": ("N", "training.gradient_accumulation_steps"),
+    "--num_train_epochs": ("N", "training.num_epochs"),
+    "--output_dir": ("DIR", "logging.output_dir"),
+    "--torch_dtype": ("bfloat16|float16|float32", "training.mixed_precision (bf16|fp16|no) and model.weight_dtype"),
+    "--gradient_checkpointing": ("true|false", "model.gradient_checkpointing"),
+    "--deepspeed": ("zero2|zero3", "distributed.deepspeed (when this version has it)"),
+    "--use_wandb": ("true|false", "logging.report_to: [tensorboard, wandb]"),
+    "--log_completions": ("true|false", "prompt_policy.log_completions"),
+    "--device": ("auto|cuda|mps|cpu", "the training device (cpu hides CUDA; cuda / mps must exist)"),
+}
+
+
+def swift_flag_table() -> str:
+    """The README's table of the ms-swift-style flags (tests/test_prompt_policy.py checks it)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")  # a bare | would split the cell (GitHub tables)
+
+    rows = [f"| `{flag} {cell(value)}` | {cell(target)} |" for flag, (value, target) in SWIFT_FLAGS.items()]
+    return "\n".join(["| flag | config key |", "|---|---|", *rows])
+
+
+_DTYPES = {"bfloat16": ("bf16", "bf16"), "bf16": ("bf16", "bf16"), "float16": ("fp16", "fp16"),
+           "fp16": ("fp16", "fp16"), "float32": ("no", "fp32"), "fp32": ("no", "fp32")}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def swift_overrides(args: argparse.Namespace, family: str | None) -> list[str]:
+    """The `--set` overrides the ms-swift-style flags stand for (SWIFT_FLAGS)."""
+    out: list[str] = []
+
+    def put(key: str, value: object) -> None:
+        out.append(f"{key}={json.dumps(value)}")
+
+    if args.train_type is not None:
+        if family == "prompt_policy":
+            put("prompt_policy.train_type", args.train_type)
+        elif args.train_type == "qlora":
+            raise ConfigError(f"--train_type qlora: only model.family prompt_policy trains a 4-bit base; "
+                              f"{family} takes lora or full.")
+        put("lora.enabled", args.train_type != "full")
+    simple = {"model": "model.pretrained_model_name_or_path", "lora_rank": "lora.rank", "lora_alpha": "lora.alpha",
+              "target_modules": "lora.target_modules", "learning_rate": "training.learning_rate",
+              "per_device_train_batch_size": "training.batch_size",
+              "gradient_accumulation_steps": "training.gradient_accumulation_steps",
+              "num_train_epochs": "training.num_epochs", "output_dir": "logging.output_dir",
+              "gradient_checkpointing": "model.gradient_checkpointing",
+              "log_completions": "prompt_policy.log_completions"}
+    for name, key in simple.items():
+        value = getattr(args, name)
+        if value is not None:
+            put(key, value)
+    if args.torch_dtype is not None:
+        precision, weights = _DTYPES[args.torch_dtype]
+        put("training.mixed_precision", precision)
+        put("model.weight_dtype", weights)
+    if args.use_wandb is not None:
+        put("logging.report_to", ["tensorboard", "wandb"] if args.use_wandb else ["tensorboard"])
+    if args.deepspeed is not None:
+        import dataclasses
+
+        from glm_training.config import DistributedConfig
+
+        if "deepspeed" not in {f.name for f in dataclasses.fields(DistributedConfig)}:
+            raise ConfigError(f"--deepspeed {args.deepspeed}: DeepSpeed is not available in this version; train with "
+                              "DDP (torchrun / accelerate launch) instead.")
+        put("distributed.deepspeed", args.deepspeed)
+    return out
+
+
+def apply_device(device: str | None) -> None:
+    """`--device`: cpu hides CUDA from this process; cuda / mps must be present."""
+    import torch
+
+    if device in (None, "auto"):
+        return
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA GPU is visible; use --device cpu or auto.")
+    elif device == "mps":
+        raise ConfigError("--device mps: the trainers run on CUDA (accelerate / DDP) or the CPU; use --device cpu "
+                          "or auto on this machine.")
 
 
 def parse_args(argv: list[str] | None, component: str | None) -> argparse.Namespace:
@@ -60,7 +163,25 @@ def parse_args(argv: list[str] | None, component: str | None) -> argparse.Namesp
     if component is None:
         parser.add_argument("--train_both", "--train-both", action="store_true",
                             help="GLM-Image: train the AR generator and the DiT decoder together.")
-    args = parser.parse_args(argv)
+    swift = parser.add_argument_group("ms-swift-style flags (each sets config keys, see the README table)")
+    kinds = {"--lora_rank": int, "--per_device_train_batch_size": int, "--gradient_accumulation_steps": int,
+             "--num_train_epochs": int, "--lora_alpha": float, "--learning_rate": float,
+             "--gradient_checkpointing": _bool, "--use_wandb": _bool, "--log_completions": _bool}
+    choices = {"--train_type": ("lora", "qlora", "full"), "--torch_dtype": tuple(_DTYPES),
+               "--deepspeed": ("zero2", "zero3"), "--device": ("auto", "cuda", "mps", "cpu")}
+    for flag, (metavar, keys) in SWIFT_FLAGS.items():
+        swift.add_argument(flag, type=kinds.get(flag, str), choices=choices.get(flag), default=None,
+                           metavar=None if flag in choices else metavar, help=f"-> {keys}",
+                           nargs="+" if flag == "--target_modules" else None)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        import difflib
+
+        known = [option for action in parser._actions for option in action.option_strings]
+        flag = unknown[0].split("=", 1)[0]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        parser.error(f"unknown argument {flag}" + (f"; did you mean {close[0]}?" if close else "") +
+                     " (see --help; any config key can be set with --set section.key=value)")
     if not args.print_schema and not args.config:
         parser.error("--config is required")
     return args
@@ -74,7 +195,28 @@ def build_config(args: argparse.Namespace, component: str | None) -> Config:
         overrides.append("model.component=both")
     if args.cache:
         overrides.append("cache.enabled=true")
-    return load_config(args.config, overrides)
+    swift = swift_overrides(args, _config_family(args.config, overrides))
+    return load_config(args.config, swift + overrides)  # --set wins over a flag
+
+
+def _config_family(path: str, overrides: list[str]) -> str | None:
+    """model.family of the config file (and --set), read before the flags are mapped."""
+    from glm_training.config import ModelConfig, parse_override
+
+    family = None
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["model", "family"]:
+            family = value
+    if family is None:
+        try:
+            import yaml
+
+            raw = yaml.safe_load(open(path, encoding="utf-8")) or {}  # JSON is YAML too
+            family = (raw.get("model") or {}).get("family", ModelConfig.family)
+        except (OSError, yaml.YAMLError, AttributeError):
+            return None  # load_config reports it
+    return str(family)
 
 
 def setup_logging() -> None:
@@ -133,6 +275,7 @@ def main(argv: list[str] | None = None, component: str | None = None) -> int:
 
     cfg = None
     try:
+        apply_device(args.device)
         cfg = build_config(args, component)
         if args.estimate:  # builds on the meta device: never loads a weight
             from glm_training.planner import WhatIf, parse_quantize, plan_memory

@@ -38,9 +38,24 @@ option_field = _field
 
 
 @dataclass
+class GeneratorConfig:
+    """`model.generator`: the frozen image generator of model.family prompt_policy."""
+
+    family: str = _field(None, required=True, doc="A project family (sdxl, flux_kontext, qwen_image, ...) or "
+                         "diffusers (any pipeline folder, e.g. a StableDiffusion3Pipeline).")
+    pretrained_model_name_or_path: str = _field(None, required=True, doc="Its folder or hub id; tiny:<name> "
+                                                "builds a tiny one (e.g. tiny:sd3).")
+    num_inference_steps: int = _field(20, min=1, doc="Its sampling steps.")
+    guidance_scale: float = _field(4.5, min=0, doc="Its classifier-free guidance.")
+    resolution: Optional[int] = _field(None, min=8, doc="Side of its images; default data.resolution.")
+    weight_dtype: str = _field("fp32", choices=("fp32", "fp16", "bf16"))
+    device: Optional[str] = _field(None, doc="Its device (e.g. cuda:1); default the training device.")
+
+
+@dataclass
 class ModelConfig:
     family: str = _field("sdxl", doc="Model family: sdxl, flux_kontext, qwen_image, qwen_image_edit, "
-                         "qwen_image_edit_plus, glm_image, bagel.")
+                         "qwen_image_edit_plus, glm_image, bagel, prompt_policy.")
     pretrained_model_name_or_path: str = _field(
         None, required=True,
         doc="Local diffusers folder or hub id; 'tiny:<family>' builds the tiny random-weight model.")
@@ -59,6 +74,25 @@ class ModelConfig:
     guidance_scale: Optional[float] = _field(
         None, min=0, doc="Guidance-distilled families (FLUX Kontext): value fed to the transformer's "
         "guidance embedding while training; default 1.0 (about 2.5-3.5 is what FLUX.1 dev samples with).")
+    quantize: Any = _field(
+        None, doc="Quantize frozen and LoRA-wrapped weights at load: int8 / fp8 (torchao, CPU and CUDA), nf4 "
+        "(bitsandbytes, CUDA) or none; one value for every quantizable component, or {component: kind} with the "
+        "pipeline folder names (transformer, unet, text_encoder, text_encoder_2, vision_language_encoder; "
+        "GLM-Image also dit / ar; bagel). The VAE is never quantized. A folder saved quantized loads as it is.")
+    gguf_file: Optional[str] = _field(
+        None, doc="A pre-quantized GGUF file of the transformer (FLUX Kontext, Qwen-Image) loaded instead of its "
+        "folder weights (diffusers GGUFQuantizationConfig); its config comes from the checkpoint folder.")
+    block_swap: int = _field(
+        0, min=0, doc="Keep N transformer blocks of the trained denoiser in pinned CPU memory and stream them to "
+        "the GPU around their forward/backward (CUDA; a logged no-op on CPU). LoRA only.")
+    text_encoder_device: Optional[str] = _field(
+        None, doc="Device of the frozen text encoders (e.g. cpu, cuda:1); default the training device.")
+    vae_device: Optional[str] = _field(None, doc="Device of the frozen VAE (e.g. cuda:1); default the training "
+                                       "device.")
+    generator: Optional[GeneratorConfig] = _field(
+        None, doc="model.family prompt_policy: the frozen image generator that renders the policy's rewrites "
+        "(family, pretrained_model_name_or_path, num_inference_steps, guidance_scale, resolution, weight_dtype, "
+        "device).")
 
 
 @dataclass
@@ -135,8 +169,21 @@ class DataConfig:
 
 
 @dataclass
+class EmaConfig:
+    """`training.ema`: an exponential moving average of the trained weights (diffusers' EMAModel)."""
+
+    decay: float = _field(0.999, min=0, max=1, doc="Averaging decay (diffusers' warm-up: min(decay, (1+n)/(10+n))); "
+                          "0 keeps a copy of the raw weights.")
+    update_after_step: int = _field(0, min=0, doc="Optimizer steps before averaging starts (a plain copy until then).")
+    device: str = _field("cpu", choices=("cpu", "same"), doc="cpu: the averages in host memory; same: beside the "
+                         "parameters.")
+
+
+@dataclass
 class TrainingConfig:
-    method: str = _field("sft", choices=("sft", "dpo", "grpo"))
+    method: str = _field("sft", choices=("sft", "dpo", "grpo", "nft"),
+                         doc="sft, dpo (Diffusion-/token DPO), grpo (Flow-GRPO / DDPO / token GRPO) or nft "
+                             "(DiffusionNFT: denoisers only; uses the grpo.* rollout and advantage keys).")
     mode: str = _field("t2i", choices=("t2i", "i2i"), doc="Text-to-image or image-to-image (edit).")
     seed: int = 42
     batch_size: int = _field(1, min=1, doc="Per device.")
@@ -156,6 +203,9 @@ class TrainingConfig:
     mode_scale: float = 1.29
     snr_gamma: Optional[float] = _field(None, min=0, doc="Epsilon families: min-SNR loss weighting.")
     noise_offset: float = _field(0.0, min=0)
+    ema: Optional[EmaConfig] = _field(
+        None, doc="EMA of the trained weights, e.g. {decay: 0.999, update_after_step: 100, device: cpu}; null: off. "
+        "Used for evaluation and samples, saved in every checkpoint (ema.safetensors) and in final/ema/.")
 
 
 @dataclass
@@ -254,6 +304,54 @@ class GRPOConfig:
                                       "still tied after them stay masked.")
 
 
+#: The paper's old-policy schedules (`nft.decay_schedule`), as `algorithms.nft.OLD_POLICY_SCHEDULES`.
+#: (flat, rate, cap) by name; tests/test_nft.py checks they match.
+NFT_DECAY_PRESETS = {"linear_to_0.5": (0, 0.001, 0.5), "flat75_to_0.999": (75, 0.0075, 0.999)}
+
+
+@dataclass
+class NFTConfig:
+    """DiffusionNFT (`training.method: nft`). Rollouts, rewards and advantages use the grpo.* keys
+    (num_generations, sample_steps (deterministic ODE), guidance_scale, scale_rewards, adv_clip_max,
+    beta = KL weight to the reference, eval_steps, dynamic_sample, num_iterations)."""
+
+    beta: float = _field(1.0, min=0, doc="The paper's beta: how far the implicit positive / negative policies "
+                                         "sit from the old one (1.0 or 0.1); must be > 0.")
+    adv_mode: str = _field("all", choices=("all", "positive_only", "negative_only", "binary"),
+                           doc="Which advantages make the optimality weight r: all, positive_only (bad images "
+                               "get r = 0.5), negative_only, binary (sign of the advantage).")
+    decay_schedule: Any = _field("linear_to_0.5", doc="Old-policy EMA decay after each optimizer step: a preset "
+                                 "(linear_to_0.5 = flat 0, rate 0.001, cap 0.5; flat75_to_0.999 = flat 75, rate "
+                                 "0.0075, cap 0.999) or {flat: <steps>, rate: <per step>, cap: <max>}.")
+    timesteps_per_sample: int = _field(2, min=1, doc="Noised copies (timesteps from the family's training "
+                                       "density) trained per rollout image and optimizer step.")
+
+
+@dataclass
+class EvalConfig:
+    """`eval:` validation on the held-out split (data.eval_path / data.eval_fraction / the layout's eval_*
+    files), metrics against targets, the best checkpoint and GRPO guardrails."""
+
+    steps: int = _field(0, min=0, doc="Evaluate every N optimizer steps (0: only at the end of training). SFT/DPO: "
+                        "validation loss (DPO: implicit accuracy, margins) at fixed noise and timesteps.")
+    draws: int = _field(4, min=1, doc="Fixed noise/timestep draws per eval sample (diffusion; token losses are exact).")
+    metrics: list[str] = _field(default_factory=list, doc="On images generated (ODE, logging.sample_seed, "
+                                "logging.sample_num_inference_steps; GRPO: grpo.eval_steps) for the eval prompts: "
+                                "lpips, ssim, clip_score, fid, kid, ocr.")
+    metric_options: dict[str, Any] = _field(default_factory=dict, doc="Per metric, e.g. {fid: {inception_weights: "
+                                            "/path/weights-inception-2015-12-05-6726825d.pth}}.")
+    best_metric: Optional[str] = _field(None, doc="Keep <run>/best/ at the best value of this logged eval key, e.g. "
+                                        "eval/loss, eval/lpips, eval/reward/total_mean.")
+    mode: str = _field("min", choices=("min", "max"), doc="Whether a lower (min) or higher (max) best_metric is better.")
+    patience: Optional[int] = _field(None, min=1, doc="Stop after this many evaluations without a better best_metric.")
+    rewards: dict[str, Any] = _field(default_factory=dict, doc="Rewards NOT trained on, scored on the eval images "
+                                     "(same options as reward.rewards); logged as eval/independent/<name>.")
+    hacking_threshold: float = _field(0.05, min=0, doc="GRPO: warn when the trained reward rose since the first "
+                                      "evaluation while an eval.rewards reward fell by more than this.")
+    collapse_std: float = _field(0.0, min=0, doc="GRPO: warn when the mean within-group std of the trained reward "
+                                 "(grpo.num_generations samples per eval prompt) falls below this; 0: off.")
+
+
 @dataclass
 class RewardConfig:
     device: Optional[str] = None
@@ -279,7 +377,9 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     #: The family's own section (`ModelFamily.options`), read from the top-level YAML section named
     #: like model.family (`bagel:`); None when the family has none. Not a YAML key itself.
     family_options: Any = field(default=None, metadata={"internal": True})
@@ -451,19 +551,70 @@ def check_combinations(cfg: Config) -> None:
         raise ConfigError("training.mode is i2i: add logging.sample_control_images (one per sample prompt).")
     if cfg.grpo.epsilon_high is not None and cfg.grpo.epsilon_high < cfg.grpo.epsilon:
         raise ConfigError("grpo.epsilon_high must be >= grpo.epsilon.")
+    check_eval(cfg)
     window = cfg.grpo.sde_window
     if window is not None and (len(window) != 2 or not 0 <= window[0] < window[1] <= cfg.grpo.sample_steps):
         raise ConfigError(f"grpo.sde_window: {window} must be [start, end) with "
                           f"0 <= start < end <= grpo.sample_steps ({cfg.grpo.sample_steps}).")
-    if cfg.training.method == "grpo" and cfg.training.batch_size % cfg.grpo.num_generations:
+    online_rl = cfg.training.method in ("grpo", "nft")  # both sample grpo.num_generations per prompt
+    if online_rl and cfg.training.batch_size % cfg.grpo.num_generations:
         raise ConfigError(f"training.batch_size ({cfg.training.batch_size}) must be a multiple of "
                           f"grpo.num_generations ({cfg.grpo.num_generations}).")
-    if cfg.training.method == "grpo" and not cfg.reward.rewards:
-        raise ConfigError("training.method: grpo needs at least one reward in reward.rewards.")
-    if cfg.training.method == "grpo" and cfg.data.caption_dropout > 0:
+    if online_rl and not cfg.reward.rewards:
+        raise ConfigError(f"training.method: {cfg.training.method} needs at least one reward in reward.rewards.")
+    if online_rl and cfg.model.train_text_encoder:
+        raise ConfigError("model.train_text_encoder: GRPO encodes the prompts once per rollout without gradients, so a "
+                          "text-encoder LoRA would get none; set it to false for GRPO (SFT and DPO train it).")
+    if online_rl and cfg.data.caption_dropout > 0:
         raise ConfigError("data.caption_dropout: GRPO samples its rollouts from the prompts as written (an empty "
                           "prompt would be scored and trained like any other); set it to 0 and shape what the "
                           "policy learns with reward.rewards / reward.weights instead.")
+    if cfg.training.method == "nft":
+        check_nft_schedule(cfg.nft.decay_schedule)
+        if cfg.nft.beta <= 0:
+            raise ConfigError("nft.beta must be > 0 (the paper uses 1.0 or 0.1).")
+
+
+def check_eval(cfg: Config) -> None:
+    """The eval: section: metric names, their options, best_metric and patience."""
+    from glm_training.evaluation.metrics import METRIC_NAMES, TEXT_METRICS
+
+    ev = cfg.eval
+    for name in ev.metrics:
+        if name not in METRIC_NAMES:
+            raise ConfigError(f"eval.metrics: unknown metric {name!r}.{_did_you_mean(name, list(METRIC_NAMES))} "
+                              f"Available: {', '.join(METRIC_NAMES)}.")
+        if name in TEXT_METRICS:
+            raise ConfigError(f"eval.metrics: {name} scores generated text answers, which the trainers do not "
+                              "generate during training; score them after training with glm_training.predict.")
+    stray = sorted(set(ev.metric_options) - set(ev.metrics))
+    if stray:
+        raise ConfigError(f"eval.metric_options: {stray} are not in eval.metrics {ev.metrics}; add them there or "
+                          "remove their options.")
+    if ev.patience is not None and not ev.best_metric:
+        raise ConfigError("eval.patience: early stopping needs eval.best_metric (e.g. eval/loss) to watch.")
+    if ev.best_metric and not ev.best_metric.startswith("eval/"):
+        raise ConfigError(f"eval.best_metric: {ev.best_metric!r} must be a logged eval key (eval/loss, eval/lpips, "
+                          "eval/reward/total_mean, ...).")
+
+
+def check_nft_schedule(value: Any) -> tuple[int, float, float]:
+    """`nft.decay_schedule` -> (flat, rate, cap), or a ConfigError saying what it may be."""
+    if isinstance(value, str):
+        presets = NFT_DECAY_PRESETS
+        if value not in presets:
+            raise ConfigError(f"nft.decay_schedule: unknown preset {value!r}.{_did_you_mean(value, list(presets))} "
+                              f"Use one of {list(presets)} or {{flat: <steps>, rate: <per step>, cap: <max>}}.")
+        return presets[value]
+    if not isinstance(value, dict) or set(value) != {"flat", "rate", "cap"}:
+        raise ConfigError(f"nft.decay_schedule: {value!r} must be a preset name {list(NFT_DECAY_PRESETS)} or a "
+                          "mapping with exactly flat, rate and cap, e.g. {flat: 0, rate: 0.001, cap: 0.5}.")
+    flat = _coerce(value["flat"], int, "nft.decay_schedule.flat")
+    rate = _coerce(value["rate"], float, "nft.decay_schedule.rate")
+    cap = _coerce(value["cap"], float, "nft.decay_schedule.cap")
+    if flat < 0 or rate < 0 or not 0 <= cap <= 1:
+        raise ConfigError(f"nft.decay_schedule: flat {flat} and rate {rate} must be >= 0 and cap {cap} in [0, 1].")
+    return flat, rate, cap
 
 
 def schema_default(key: str) -> Any:
@@ -484,8 +635,18 @@ def unused_keys(cfg: Config) -> dict[str, str]:
     elif not cfg.dpo.online:
         for name in ("num_generations", "sample_steps", "guidance_scale"):
             rules[f"dpo.{name}"] = "dpo.online is false (offline pairs)"
-    if training.method != "grpo":
+    if training.method not in ("grpo", "nft"):
         rules["grpo.*"] = f"training.method is {training.method}"
+    if training.method != "nft":
+        rules["nft.*"] = f"training.method is {training.method}"
+    else:  # DiffusionNFT: ODE rollouts from the old policy, a forward-process loss, no ratio
+        why = "training.method nft has no policy ratio and samples with the deterministic ODE"
+        for name in ("epsilon", "epsilon_high", "flow_epsilon", "loss_type", "temperature", "noise_level",
+                     "sde_window", "timestep_fraction", "train_cfg"):
+            rules[f"grpo.{name}"] = why
+        rules["training.noise_offset"] = "training.method nft noises its rollout images without offset"
+        rules["training.snr_gamma"] = "training.method nft weights each sample adaptively (no SNR weighting)"
+        rules["data.random_flip"] = "training.method nft reads prompts (and source images), it trains on its rollouts"
     if training.method == "sft" or (training.method == "dpo" and not cfg.dpo.online):
         rules["reward.*"] = "rewards score GRPO rollouts and online DPO pairs only"
     if not cfg.grpo.dynamic_sample:
@@ -520,13 +681,25 @@ def unused_keys(cfg: Config) -> dict[str, str]:
         rules["optimizer.betas"] = rules["optimizer.eps"] = "optimizer.name is sgd"
     if cfg.lr_scheduler.name == "constant":
         rules["lr_scheduler.min_lr_ratio"] = "lr_scheduler.name is constant (no decay)"
-    if training.method == "grpo":  # GRPO evaluates (ODE) every sample_steps, on the training prompts by default
+    if training.method in ("grpo", "nft"):  # GRPO evaluates (ODE) every sample_steps, on the training prompts by default
         for name in ("sample_num_inference_steps", "sample_guidance_scale", "sample_resolution"):
             rules[f"logging.{name}"] = "GRPO evaluates with grpo.eval_steps and grpo.guidance_scale at data.resolution"
     elif not log.sample_prompts:
+        # eval.metrics / eval.rewards generate their images with the sample settings.
+        eval_images = ("sample_num_inference_steps", "sample_guidance_scale", "sample_seed")
         for name in ("sample_steps", "sample_num_inference_steps", "sample_guidance_scale", "sample_seed",
                      "sample_resolution"):
-            rules[f"logging.{name}"] = "logging.sample_prompts is empty (no samples)"
+            if not (name in eval_images and (cfg.eval.metrics or cfg.eval.rewards)):
+                rules[f"logging.{name}"] = "logging.sample_prompts is empty (no samples)"
+    ev = cfg.eval
+    if not ev.best_metric:
+        rules["eval.mode"] = "eval.best_metric is not set"
+    if training.method in ("grpo", "nft"):
+        rules["eval.draws"] = f"training.method {training.method} has no validation loss (it evaluates rewards)"
+        if not ev.rewards:
+            rules["eval.hacking_threshold"] = "eval.rewards is empty (no independent reward to compare)"
+    else:
+        rules["eval.hacking_threshold"] = rules["eval.collapse_std"] = "GRPO guardrails (training.method grpo/nft)"
     if "wandb" not in log.report_to:
         rules["logging.wandb_mode"] = "logging.report_to has no wandb"
     if not cfg.cache.enabled:
@@ -592,6 +765,9 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
         if family.options is not None:
             cfg.family_options = _build_dataclass(family.options, section, cfg.model.family)
         check_combinations(cfg)
+        if cfg.model.generator is not None and not getattr(family, "has_generator", False):
+            raise ConfigError(f"model.generator: model.family {cfg.model.family} renders its own images; the "
+                              "generator is for model.family prompt_policy. Remove it.")
         family.check_config(cfg)  # what the family declares: modes, control images, methods, keys it ignores
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}") from None
@@ -615,13 +791,31 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _unique_json_keys(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice in the same object; JSON would silently keep the "
+                              "last one. Merge them into one.")
+        seen[key] = value
+    return seen
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}. Pass --config with a YAML file "
                           f"(examples in configs/).")
     try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        if path.suffix.lower() == ".json":  # ms-swift users bring JSON configs: same schema as the YAML
+            import json
+
+            try:
+                raw = json.loads(path.read_text(), object_pairs_hook=_unique_json_keys) or {}
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"not valid JSON: {error}") from None
+        else:
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     except ConfigError as error:

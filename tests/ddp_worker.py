@@ -1,4 +1,5 @@
-"""Run under torchrun by test_distributed.py: train, then write this rank's trainable weights."""
+"""Run under torchrun by the multi-process tests: train with the config's `training.method`, then
+write this rank's trainable weights."""
 
 import sys
 from pathlib import Path
@@ -7,11 +8,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from glm_training.cli import trainer_class
 from glm_training.config import config_from_dict
-from glm_training.trainers.sft import SFTTrainer
 
 config_path, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
-trainer = SFTTrainer(config_from_dict(yaml.safe_load(config_path.read_text())))
+cfg = config_from_dict(yaml.safe_load(config_path.read_text()))
+trainer = trainer_class(cfg.training.method)(cfg)
 trainer.train()
 rank = trainer.accelerator.process_index
 state = {k: v.detach().cpu().contiguous() for k, v in trainer.family.trainable_state_dict().items()}

@@ -175,3 +175,32 @@ def test_shipped_config_grpo_raises_the_brightness_and_the_lora_reloads(tmp_path
             base = trained.predict(noise, t, condition)
     torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-6)
     assert (expected - base).abs().max() > 1e-4
+
+
+def test_two_process_grpo_keeps_the_ranks_identical(tmp_path):
+    """BAGEL's rollout predictions bypass the DDP wrapper (BagelSampler calls the model's own
+    methods): the GRPO trainer averages their gradients itself, so ranks stay bitwise equal."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO
+
+    raw = tiny_config(tmp_path, prompts_file(tmp_path), training={"max_train_steps": 2, "batch_size": 4},
+                      grpo={"num_generations": 2, "sample_steps": 2, "eval_steps": 2})
+    raw["logging"].update(sample_steps=0)
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "weights"
+    out.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO / "tests" / "ddp_worker.py"), str(config), str(out)]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    assert any(value.abs().sum() > 0 for key, value in rank0.items() if "lora_B" in key)  # it trained
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key

@@ -8,7 +8,6 @@ declared denoiser hooks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -82,6 +82,11 @@ TABLE: dict[str, tuple] = {
     "model.max_sequence_length": ("error", set_key("model.max_sequence_length", 77)),
     "model.prediction_type": ("error", set_key("model.prediction_type", "epsilon", FLUX)),
     "model.guidance_scale": ("error", set_key("model.guidance_scale", 3.5)),
+    "model.quantize": ("acts", "test_quantization.py::test_lora_over_a_quantized_base_trains_and_loads_into_the_unquantized_pipeline"),
+    "model.gguf_file": ("acts", "test_quantization.py::test_gguf_transformer_round_trip"),
+    "model.block_swap": ("acts", "test_offload.py::test_block_swap_without_cuda_is_a_logged_no_op_and_checks_its_count"),
+    "model.text_encoder_device": ("acts", "test_offload.py::test_frozen_encoders_go_to_their_device_and_outputs_come_back"),
+    "model.vae_device": ("acts", "test_offload.py::test_frozen_encoders_go_to_their_device_and_outputs_come_back"),
     "data.path": ("acts", "test_data.py::test_every_bad_file_is_listed_at_once"),
     "data.format": ("acts", "test_data_i2i.py::test_seed003_pairs_by_name"),
     "data.resolution": ("acts", "test_data.py::test_resize_crop_and_tensor_range"),
@@ -97,7 +102,7 @@ TABLE: dict[str, tuple] = {
     "data.num_workers": ("read", "glm_training/trainers/base.py"),
     # New with the eval split; point these at their behavioural tests once written.
     "data.eval_path": ("read", "glm_training/data/records.py"),
-    "data.eval_fraction": ("read", "glm_training/data/records.py"),
+    "data.eval_fraction": ("acts", "test_validation.py::test_validation_loss_is_reproducible_and_falls_on_held_out_data"),
     "training.method": ("acts", "test_dpo.py::test_dpo_starts_at_log2_and_learns_the_preference"),
     "training.mode": ("error", set_key("training.mode", "i2i")),
     "training.seed": ("acts", "test_sft.py::test_resume_is_identical_to_an_unbroken_run"),
@@ -117,6 +122,17 @@ TABLE: dict[str, tuple] = {
     "training.mode_scale": ("warn", set_key("training.mode_scale", 1.0, FLUX)),
     "training.snr_gamma": ("error", set_key("training.snr_gamma", 5.0, FLUX)),
     "training.noise_offset": ("warn", set_key("training.noise_offset", 0.05, GRPO)),
+    "training.ema": ("acts", "test_ema_training.py::test_ema_follows_the_recurrence_and_is_what_evaluation_uses"),
+    "eval.steps": ("acts", "test_validation.py::test_validation_loss_is_reproducible_and_falls_on_held_out_data"),
+    "eval.draws": ("warn", set_key("eval.draws", 2, GRPO)),
+    "eval.metrics": ("acts", "test_validation.py::test_eval_metrics_compare_generated_images_with_the_targets"),
+    "eval.metric_options": ("error", set_key("eval.metric_options", {"fid": {}})),
+    "eval.best_metric": ("acts", "test_validation.py::test_best_checkpoint_keeps_the_right_step_and_patience_stops"),
+    "eval.mode": ("warn", set_key("eval.mode", "max")),
+    "eval.patience": ("acts", "test_validation.py::test_best_checkpoint_keeps_the_right_step_and_patience_stops"),
+    "eval.rewards": ("acts", "test_guardrails.py::test_trained_reward_rising_while_an_independent_one_falls_warns"),
+    "eval.hacking_threshold": ("warn", set_key("eval.hacking_threshold", 0.1, GRPO)),
+    "eval.collapse_std": ("warn", set_key("eval.collapse_std", 0.01)),
     "lora.enabled": ("acts", "test_dpo_extra.py::test_full_fine_tuning_reference_is_a_frozen_copy"),
     "lora.rank": ("warn", set_key("lora.rank", 8, NO_LORA)),
     "lora.alpha": ("warn", set_key("lora.alpha", 8.0, NO_LORA)),
@@ -158,17 +174,31 @@ TABLE: dict[str, tuple] = {
     "distributed.timeout_minutes": ("read", "glm_training/trainers/base.py"),
     "bagel.text_loss_weight": ("acts", "test_bagel_family.py::test_loss_weights_are_applied"),
     "bagel.image_loss_weight": ("acts", "test_bagel_family.py::test_loss_weights_are_applied"),
+    "nft.beta": ("acts", "test_nft.py::test_nft_options_act"),
+    "nft.adv_mode": ("acts", "test_nft.py::test_nft_options_act"),
+    "nft.timesteps_per_sample": ("acts", "test_nft.py::test_nft_options_act"),
+    "nft.decay_schedule": ("acts", "test_nft.py::test_old_policy_trails_the_trained_one_by_the_schedule"),
+    "model.generator": ("acts", "test_prompt_policy.py::test_project_family_generator_is_frozen_and_shares_noise_in_a_group"),
+    "prompt_policy.train_type": ("acts", "test_prompt_policy.py::test_config_errors_name_the_key"),
+    "prompt_policy.system_prompt": ("acts", "test_prompt_policy.py::test_chat_sampling_and_rewrite_options_act"),
+    "prompt_policy.chat_template": ("acts", "test_prompt_policy.py::test_chat_sampling_and_rewrite_options_act"),
+    "prompt_policy.max_completion_length": ("acts", "test_prompt_policy.py::test_chat_sampling_and_rewrite_options_act"),
+    "prompt_policy.top_k": ("acts", "test_prompt_policy.py::test_chat_sampling_and_rewrite_options_act"),
+    "prompt_policy.top_p": ("acts", "test_prompt_policy.py::test_chat_sampling_and_rewrite_options_act"),
+    "prompt_policy.rewrite_tag": ("acts", "test_prompt_policy.py::test_chat_sampling_and_rewrite_options_act"),
+    "prompt_policy.max_rewrite_chars": ("acts", "test_prompt_policy.py::test_chat_sampling_and_rewrite_options_act"),
+    "prompt_policy.log_completions": ("acts", "test_prompt_policy.py::test_text_reward_rises_to_near_its_maximum"),
 }
 # Every key of dpo / grpo / reward: warned when training.method is sft (BASE), the section unused.
 # (grpo.dynamic_sample also acts in the lead's test_grpo_recipe.py::test_dynamic_sample_resamples_zero_std_groups.)
-for _section in ("dpo", "grpo", "reward"):
+for _section in ("dpo", "grpo", "reward", "nft"):
     for _f in dataclasses.fields(typing.get_type_hints(Config)[_section]):
         _key = f"{_section}.{_f.name}"
         TABLE.setdefault(_key, ("warn", set_key(_key, schema_default(_key))))
 
 
 #: Keys with no behavioural evidence yet (only read by the code); do not add to this list.
-READ_ONLY = {"model.revision", "model.variant", "data.num_workers", "data.eval_path", "data.eval_fraction", "training.max_grad_norm", "logging.log_steps",
+READ_ONLY = {"model.revision", "model.variant", "data.num_workers", "data.eval_path", "training.max_grad_norm", "logging.log_steps",
              "distributed.backend", "distributed.find_unused_parameters", "distributed.timeout_minutes"}
 
 

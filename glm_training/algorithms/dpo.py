@@ -91,7 +91,9 @@ def diffusion_dpo_loss(
         logits = -0.5 * ((err_w - err_l) - (ref_err_w - ref_err_l))
         inside = beta * logits        # the paper's "inside term", beta ~ 5000 for SDXL
 
-    (this 0.5-factor form with ``beta`` 5000 equals diffusers' research script with 2500).
+    (diffusers' research script `train_diffusion_dpo.py` uses this same 0.5-factor form,
+    ``scale_term = -0.5 * beta_dpo``, with its default ``beta_dpo`` 2500: a value ported from it
+    keeps its meaning here unchanged; the paper trained SDXL with 5000).
     Epsilon, v and flow-matching (Flow-DPO, velocity target) models all use it unchanged.
 
     Returns:

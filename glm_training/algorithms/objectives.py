@@ -33,13 +33,39 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 class EpsilonObjective:
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
-                 snr_gamma: float | None = None):
+                 snr_gamma: float | None = None, timestep_spacing: str = "leading", steps_offset: int = 1,
+                 set_alpha_to_one: bool = False):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be epsilon or v_prediction, got {prediction_type!r}")
+        if timestep_spacing not in ("leading", "trailing", "linspace"):
+            raise ValueError(f"timestep_spacing must be leading, trailing or linspace, got {timestep_spacing!r}")
         self.alphas_cumprod = alphas_cumprod.detach().float().cpu()
         self.prediction_type = prediction_type
         self.snr_gamma = snr_gamma
         self.num_train_timesteps = len(self.alphas_cumprod)
+        # The sampling schedule of the checkpoint's scheduler config (DDIMScheduler.set_timesteps).
+        self.timestep_spacing, self.steps_offset, self.set_alpha_to_one = timestep_spacing, steps_offset, set_alpha_to_one
+
+    def sampling_timesteps(self, num_steps: int) -> list[int]:
+        """The DDIM timesteps for `num_steps` steps, as diffusers' DDIMScheduler.set_timesteps."""
+        import numpy as np
+
+        total = self.num_train_timesteps
+        if self.timestep_spacing == "leading":
+            ratio = total // num_steps
+            steps = (np.arange(0, num_steps) * ratio).round()[::-1] + self.steps_offset
+        elif self.timestep_spacing == "trailing":
+            steps = np.round(np.arange(total, 0, -total / num_steps)) - 1
+        else:
+            steps = np.linspace(0, total - 1, num_steps).round()[::-1]
+        return [int(t) for t in steps]
+
+    def alpha_before(self, timestep: int, num_steps: int) -> float:
+        """alphas_cumprod of the DDIM step's previous timestep (`final_alpha_cumprod` past 0)."""
+        previous = timestep - self.num_train_timesteps // num_steps
+        if previous >= 0:
+            return float(self.alphas_cumprod[previous])
+        return 1.0 if self.set_alpha_to_one else float(self.alphas_cumprod[0])
 
     def sample_timesteps(self, batch_size: int, latents: torch.Tensor,
                          generator: torch.Generator | None = None) -> torch.Tensor:

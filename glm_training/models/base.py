@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Protocol, runtime_checkable
@@ -49,6 +50,62 @@ def resolve_model_path(cfg: Config) -> str:
 
         return str(ensure_tiny(path.split(":", 1)[1]))
     return path
+
+
+# -- quantized frozen weights (model.quantize, model.gguf_file) -----------------------------------
+#: `model.quantize` kinds -> the library that does them (README "Quantization and offload"):
+#: int8 / fp8 weight-only with torchao (CPU and CUDA), nf4 with bitsandbytes (CUDA only).
+QUANTIZE_KINDS = ("none", "int8", "fp8", "nf4")
+
+
+class _DropLegacyTorchaoWarning(logging.Filter):
+    # diffusers 0.42 warns at import that torchao 0.18 lacks its legacy tensor classes (they only
+    # matter for torch.load pickles; quantized checkpoints here are safetensors), and that int8
+    # wants bf16 (int8 weight-only with fp32 activations runs and trains: tests/test_quantization.py).
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return ("Unable to import `torchao` Tensor objects" not in message
+                and "for integer quantization, but only bfloat16 is supported" not in message)
+
+
+logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").addFilter(_DropLegacyTorchaoWarning())
+
+
+def quantization_config(kind: str, library: str, key: str, compute_dtype: torch.dtype = torch.bfloat16) -> Any:
+    """The diffusers / transformers `quantization_config` of one `model.quantize` kind, or a
+    ConfigError naming `key` when its backend cannot run here (no CUDA, package missing)."""
+    import importlib.util
+
+    lib = importlib.import_module(library)
+    if kind == "nf4":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}: nf4 (bitsandbytes 4-bit) needs a CUDA GPU and none is visible; on this "
+                              "machine choose int8 or fp8 (torchao, runs on CPU), or none.")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{key}: nf4 needs bitsandbytes: pip install 'glm_training[quant]' (or pip install "
+                              "bitsandbytes), or choose int8 / fp8 (torchao).")
+        compute = compute_dtype if compute_dtype != torch.float32 else torch.bfloat16
+        return lib.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"{key}: {kind} uses torchao, which is not installed: pip install -r requirements.txt "
+                          "(torchao==0.18.0), or set it to none.")
+    from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+
+    # Weight-only: activations (and the LoRA path) stay in bf16/fp32, the frozen matmul dequantizes.
+    return lib.TorchAoConfig(Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig())
+
+
+def quantize_linears(module: nn.Module, kind: str, key: str, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Quantize the nn.Linear weights of an already loaded module in place (families whose
+    checkpoints are not diffusers / transformers folders, e.g. BAGEL), skipping names under `skip`."""
+    if kind == "nf4":
+        raise ConfigError(f"{key}: nf4 is not available for this family's own checkpoint format (bitsandbytes "
+                          "loads through diffusers / transformers only); choose int8 or fp8 (torchao).")
+    config = quantization_config(kind, "diffusers", key).quant_type
+    from torchao.quantization import quantize_
+
+    quantize_(module, config, filter_fn=lambda m, name: isinstance(m, nn.Linear) and not name.startswith(skip))
+    return module
 
 
 class ModelFamily(ABC):
@@ -85,6 +142,25 @@ class ModelFamily(ABC):
     text_encoder_trainable: ClassVar[bool] = False
     #: Schema keys this family never reads -> why; setting one to a non-default value is an error.
     ignored_keys: ClassVar[dict[str, str]] = {}
+    #: Pipeline folders `model.quantize` may quantize (frozen or LoRA-wrapped; never the VAE).
+    quantizable: ClassVar[tuple[str, ...]] = ()
+    #: Other names `model.quantize` accepts for them (GLM-Image's part names: dit -> transformer).
+    quantize_aliases: ClassVar[dict[str, str]] = {}
+    #: The folder a pre-quantized `model.gguf_file` replaces (its class has `from_single_file`).
+    gguf_component: ClassVar[str | None] = None
+    #: Transformer block classes of each component (class names): the FSDP wrap units
+    #: (`block_classes`); a component not listed cannot be sharded.
+    fsdp_blocks: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def block_classes(cls, component: str) -> list[str]:
+        """Names of the block classes FSDP shards `component` by (one `fully_shard` unit each). Names,
+        not types: the accelerator is made before any weight (or class) is loaded."""
+        if component not in cls.fsdp_blocks:
+            raise ConfigError(f"FSDP (accelerate launch --config_file configs/accelerate/fsdp.yaml): {cls.name} "
+                              f"declares no transformer blocks for {component}; launch with ddp.yaml or a "
+                              "deepspeed_zero*.yaml config instead.")
+        return list(cls.fsdp_blocks[component])
 
     @classmethod
     def check_config(cls, cfg: Config) -> None:
@@ -131,6 +207,55 @@ class ModelFamily(ABC):
             section, name = key.split(".")
             if getattr(getattr(cfg, section), name) != schema_default(key):
                 raise ConfigError(f"{key}: {cls.name} does not use it ({why}); remove it.")
+        cls.quantize_plan(cfg)
+        if model.gguf_file is not None:
+            if cls.gguf_component is None:
+                raise ConfigError(f"model.gguf_file: {cls.name} cannot load a GGUF denoiser (diffusers has no "
+                                  "single-file loader for it); remove it, or use model.quantize.")
+            if not str(model.gguf_file).endswith(".gguf"):
+                raise ConfigError(f"model.gguf_file: {model.gguf_file} is not a .gguf file.")
+        if model.block_swap and not cfg.lora.enabled:
+            raise ConfigError("model.block_swap: streams frozen weights; with full fine-tuning every weight is "
+                              "trained (and stays on the GPU with its optimizer state). Use LoRA or set it to 0.")
+
+    @classmethod
+    def quantize_plan(cls, cfg: Config) -> dict[str, str]:
+        """`model.quantize` -> {pipeline folder: kind} for this family (kinds other than none),
+        checked: known folders, known kinds, no fully fine-tuned part, never the VAE."""
+        value, key = cfg.model.quantize, "model.quantize"
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return {}
+        if isinstance(value, str):
+            plan = {folder: value for folder in cls.quantizable}
+        elif isinstance(value, dict):
+            plan = {}
+            for name, kind in value.items():
+                folder = cls.quantize_aliases.get(str(name), str(name))
+                if folder == "vae":
+                    raise ConfigError(f"{key}.vae: the VAE is never quantized (small, and its decode quality "
+                                      "shows directly in the images); remove it.")
+                if folder not in cls.quantizable:
+                    raise ConfigError(f"{key}.{name}: {cls.name} has no quantizable component {name!r}; use "
+                                      f"{list(cls.quantizable) + list(cls.quantize_aliases)}.")
+                plan[folder] = kind
+        else:
+            raise ConfigError(f"{key}: expected one of {list(QUANTIZE_KINDS)} or a mapping {{component: kind}}, "
+                              f"got {value!r}.")
+        if plan and not cls.quantizable:
+            raise ConfigError(f"{key}: {cls.name} does not support quantized weights; remove it.")
+        for folder, kind in plan.items():
+            if not isinstance(kind, str) or kind.lower() not in QUANTIZE_KINDS:
+                raise ConfigError(f"{key}.{folder}: {kind!r} is not one of {list(QUANTIZE_KINDS)}.")
+        plan = {folder: kind.lower() for folder, kind in plan.items() if kind.lower() != "none"}
+        if not cfg.lora.enabled:
+            trained = set(cls.component_groups.get(cfg.model.component or cls.default_component, ()))
+            if cfg.model.train_text_encoder:
+                trained |= {"text_encoder", "text_encoder_2"}
+            full = sorted(f for f in plan if f in trained or any(cls.quantize_aliases.get(t) == f for t in trained))
+            if full:
+                raise ConfigError(f"{key}: {full} are fully fine-tuned (lora.enabled: false) and cannot be "
+                                  f"quantized; use LoRA, or set {key}: {{{full[0]}: none}}.")
+        return plan
 
     def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
         self.cfg = cfg
@@ -166,7 +291,19 @@ class ModelFamily(ABC):
         import json
         import os
 
-        kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+        library = "diffusers" if cls.__module__.startswith("diffusers") else "transformers"
+        # transformers 5 names it dtype (torch_dtype is its deprecated alias).
+        kwargs = {("torch_dtype" if library == "diffusers" else "dtype"): dtype} if dtype is not None else {}
+        # model.quantize: the library's own quantization_config for this folder (a folder saved
+        # quantized carries its config in config.json and loads as it is).
+        kind = self.quantize_plan(self.cfg).get(subfolder, "none")
+        if self.cfg.model.gguf_file is not None and subfolder == self.gguf_component:
+            return self._from_gguf(cls, subfolder, dtype)
+        if kind != "none":
+            kwargs["quantization_config"] = quantization_config(kind, library, f"model.quantize.{subfolder}",
+                                                                dtype or self.weight_dtype)
+            if kind == "nf4":  # bitsandbytes quantizes while placing the weights on the GPU
+                kwargs["device_map"] = {"": str(self.device)}
         try:
             return cls.from_pretrained(self.model_path, subfolder=subfolder, revision=self.cfg.model.revision,
                                        variant=self.cfg.model.variant, **kwargs)
@@ -210,15 +347,122 @@ class ModelFamily(ABC):
                               f"{error}); check the id, model.revision, your network and your token "
                               "(`huggingface-cli login` for gated models).") from None
 
+    def _from_gguf(self, cls: Any, subfolder: str, dtype: torch.dtype | None) -> Any:
+        """`model.gguf_file`: a pre-quantized GGUF of the denoiser (diffusers GGUFQuantizationConfig,
+        dequantized per matmul in the compute dtype), its config from the checkpoint folder."""
+        import importlib.util
+
+        path = Path(self.cfg.model.gguf_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.gguf_file: {path} does not exist.")
+        if importlib.util.find_spec("gguf") is None:
+            raise ConfigError("model.gguf_file: reading GGUF needs the gguf package: pip install -r requirements.txt "
+                              "(gguf==0.19.0).")
+        from diffusers import GGUFQuantizationConfig
+
+        compute = dtype or self.weight_dtype
+        try:
+            return cls.from_single_file(str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=compute),
+                                        config=self.model_path, subfolder=subfolder, torch_dtype=compute)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise ConfigError(f"model.gguf_file: {path} is not a GGUF of {cls.__name__} matching "
+                              f"{self.model_path}/{subfolder}/config.json ({type(error).__name__}: {error}).") from None
+
+    def place_frozen(self, name: str, module: nn.Module) -> nn.Module:
+        """Put a frozen encoder on its device: `model.text_encoder_device` (text encoders) or
+        `model.vae_device` (VAE), else the training device. Off the training device, an accelerate
+        hook moves each call's inputs there and the outputs back, so callers need not know."""
+        key = "model.vae_device" if name == "vae" else "model.text_encoder_device"
+        wanted = self.cfg.model.vae_device if name == "vae" else self.cfg.model.text_encoder_device
+        device = torch.device(wanted) if wanted and name not in self.trained else self.device
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"{key}: {wanted} asked for, but no CUDA device is visible; use cpu or remove it.")
+        module = module.to(device)
+        if device != self.device:
+            from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+            # The VAE's encode / decode call its children, the text encoders their forward.
+            targets = ([child for child in module.children() if any(True for _ in child.parameters())]
+                       if name == "vae" else [module])
+            for target in targets:
+                add_hook_to_module(target, AlignDevicesHook(execution_device=device, io_same_device=True))
+        return module
+
+    def transformer_blocks(self, component: str) -> list[nn.Module]:
+        """The repeated blocks of `component` that `model.block_swap` streams, in execution order
+        (the diffusers transformers' `transformer_blocks` then `single_transformer_blocks`)."""
+        module = self.unwrapped(component)
+        blocks: list[nn.Module] = []
+        for attr in ("transformer_blocks", "single_transformer_blocks"):
+            if isinstance(getattr(module, attr, None), nn.ModuleList):
+                blocks.extend(getattr(module, attr))
+        return blocks
+
+    def setup_block_swap(self) -> None:
+        """`model.block_swap: N`: N blocks of the trained denoiser live in pinned CPU memory and are
+        streamed to the GPU around their forward and backward (`models.offload.BlockSwap`)."""
+        from glm_training.models.offload import SWAP_BUFFER_BLOCKS, BlockSwap
+
+        count = self.cfg.model.block_swap
+        name = next((n for n in self.trained if self.transformer_blocks(n)), None)
+        if name is None:
+            raise ConfigError(f"model.block_swap: {', '.join(self.trained)} of {self.name} has no transformer block "
+                              "list to swap; set it to 0.")
+        if self.device.type != "cuda":
+            logging.getLogger(__name__).warning(
+                "model.block_swap: %d ignored: training runs on %s, and block swap streams weights from CPU "
+                "memory to a CUDA GPU; every block stays where it is.", count, self.device)
+            return
+        blocks = self.transformer_blocks(name)
+        if count > len(blocks) - SWAP_BUFFER_BLOCKS:
+            raise ConfigError(f"model.block_swap: {count}, but {name} has {len(blocks)} blocks; swap at most "
+                              f"{len(blocks) - SWAP_BUFFER_BLOCKS}.")
+        self.block_swapper = BlockSwap(self.unwrapped(name), blocks, count, self.device)
+
     def components(self) -> dict[str, nn.Module]:
         """The trainable parts by name."""
         return {name: self.modules[name] for name in self.trained}
 
     def unwrapped(self, name: str) -> nn.Module:
+        """The plain module (DDP / DeepSpeed wrappers removed; an FSDP2 module is sharded in place and
+        stays itself: read its full weights inside `full_weights()`)."""
         module = self.modules[name]
         while hasattr(module, "module") and isinstance(module.module, nn.Module):
             module = module.module  # DDP / accelerate wrappers
         return getattr(module, "_orig_mod", module)
+
+    @contextlib.contextmanager
+    def full_weights(self) -> Iterator[None]:
+        """Every rank: inside, rank 0 reads the trained modules' full (unsharded) weights, e.g. to
+        write the user-facing files. FSDP2: the full state dict is gathered to rank 0's CPU memory
+        and served by the modules' `state_dict()` (what peft / diffusers save from) and by
+        `trainable_state_dict()`; DeepSpeed ZeRO-3: the engine's parameters gathered. Otherwise
+        nothing changes."""
+        from torch.distributed.tensor import DTensor
+
+        patched = []
+        with contextlib.ExitStack() as stack:
+            for name in self.trained:
+                module = self.unwrapped(name)
+                if any(isinstance(p, DTensor) for p in module.parameters()):
+                    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                    # Collective; rank 0 gets the tensors (on CPU), the other ranks an empty dict.
+                    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+                    module.state_dict = lambda *args, _full=full, **kwargs: dict(_full)
+                    patched.append(module)
+                    continue
+                params = [p for p in module.parameters() if hasattr(p, "ds_id")]  # ZeRO-3 partitioned
+                if params:
+                    import deepspeed
+
+                    stack.enter_context(deepspeed.zero.GatheredParameters(params, modifier_rank=None))
+            try:
+                yield
+            finally:
+                for module in patched:
+                    del module.state_dict  # the class's state_dict (FSDP's sharded one) again
 
     def lora_targets(self, component: str) -> list[str]:
         override = self.cfg.lora.components.get(component)
@@ -294,6 +538,8 @@ class ModelFamily(ABC):
                 self.enable_gradient_checkpointing(module)
         if lora.enabled and lora.pretrained_weight:
             self.load_adapter_weights(lora.pretrained_weight)
+        if self.cfg.model.block_swap:
+            self.setup_block_swap()
 
     def enable_gradient_checkpointing(self, module: nn.Module) -> None:
         if hasattr(module, "enable_gradient_checkpointing"):
@@ -307,9 +553,11 @@ class ModelFamily(ABC):
         """Every trainable tensor, as `component.parameter_name` (what a checkpoint stores)."""
         state = {}
         for name in self.trained:
-            for pname, p in self.unwrapped(name).named_parameters():
+            module = self.unwrapped(name)
+            full = module.state_dict() if "state_dict" in vars(module) else None  # inside full_weights (FSDP)
+            for pname, p in module.named_parameters():
                 if p.requires_grad:
-                    state[f"{name}.{pname}"] = p.detach()
+                    state[f"{name}.{pname}"] = full[pname] if full is not None else p.detach()
         return state
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -382,6 +630,77 @@ class ModelFamily(ABC):
         finally:
             for module in modules:
                 module.enable_adapters()
+
+    @contextlib.contextmanager
+    def old_policy(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Run DiffusionNFT's old policy, which samples the rollouts and trails the trained one
+        (`algorithms.nft.update_old_policy`). LoRA: a second peft adapter "old" on each trained
+        module (set active here, "default" again on exit); full fine-tuning: a frozen copy of the
+        trained components swapped in, as `reference()` does. Both start equal to the trained
+        weights and are kept in float32 (a bf16 copy would round small EMA updates away); the
+        first call creates them, so call it once before the optimizer is built. Yields the old
+        tensors paired with the trained ones by `component.parameter` name (EMA, checkpoints)."""
+        import copy
+        import warnings
+
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if getattr(self, "_old_policy_pairs", None) is None:
+            pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            if not self.cfg.lora.enabled:
+                self._old_modules = {}
+                for name in self.trained:
+                    trained = self.unwrapped(name)
+                    frozen = copy.deepcopy(trained).eval().requires_grad_(False).float()
+                    self._old_modules[name] = frozen
+                    old_params = dict(frozen.named_parameters())
+                    pairs.update({f"{name}.{pname}": (old_params[pname], p)
+                                  for pname, p in trained.named_parameters() if p.requires_grad})
+            else:
+                for name in self.trained:
+                    module = self.unwrapped(name)
+                    if "old" not in getattr(module, "peft_config", {}):
+                        layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+                        active = [list(layer.active_adapters) for layer in layers]
+                        with warnings.catch_warnings():  # peft warns that a second adapter is added: wanted
+                            warnings.simplefilter("ignore", UserWarning)
+                            module.add_adapter(copy.deepcopy(module.peft_config["default"]), adapter_name="old")
+                        for layer, names in zip(layers, active):  # add_adapter may activate "old"
+                            layer.set_adapter(names)
+                    for mname, layer in module.named_modules():
+                        if not isinstance(layer, BaseTunerLayer):
+                            continue
+                        for attr in layer.adapter_layer_names:
+                            adapters = getattr(layer, attr)
+                            if "old" not in adapters:
+                                continue
+                            current = dict(adapters["default"].named_parameters())
+                            for pname, old in adapters["old"].named_parameters():
+                                old.requires_grad_(False)
+                                old.data = current[pname].detach().float().clone()
+                                # Named as the trained tensor (trainable_state_dict), "default" included.
+                                pairs[f"{name}.{mname}.{attr}.default.{pname}"] = (old, current[pname])
+            if not pairs:
+                raise ConfigError(f"training.method nft: no trained weights of {', '.join(self.trained)} to keep an "
+                                  "old policy of.")
+            self._old_policy_pairs = pairs
+        if not self.cfg.lora.enabled:
+            saved = {name: self.modules[name] for name in self._old_modules}
+            self.modules.update(self._old_modules)
+            try:
+                yield self._old_policy_pairs
+            finally:
+                self.modules.update(saved)
+            return
+        layers = [m for name in self.trained for m in self.unwrapped(name).modules() if isinstance(m, BaseTunerLayer)]
+        active = [list(layer.active_adapters) for layer in layers]
+        for layer in layers:
+            layer.set_adapter("old", inference_mode=True)
+        try:
+            yield self._old_policy_pairs
+        finally:
+            for layer, names in zip(layers, active):
+                layer.set_adapter(names)  # the trained adapter active (and trainable) again
 
     # ------------------------------------------------------------------------------------------
     # Saving what users load elsewhere
@@ -459,6 +778,14 @@ class ModelFamily(ABC):
         record, images = part.rollout(batch, group, generators)
         return Generation(images, {part.name: record})
 
+    def on_scored(self, generation: "Generation", totals: dict[str, torch.Tensor],
+                  per_reward: dict[str, torch.Tensor], step: int) -> None:
+        """Called with every rollout's rewards (e.g. to log completions next to their rewards)."""
+
+    def rollout_captions(self, generation: "Generation") -> list[str] | None:
+        """Captions of the rollout grid's images (None: each member's prompt), e.g. a rewrite."""
+        return None
+
     def eval_images(self, batch: dict[str, Any], records: list, seed: int, steps: int,
                     guidance_scale: float) -> "Generation":
         """Deterministic samples (ODE, fixed seeds) of every prompt of `batch` for evaluation."""
@@ -519,6 +846,7 @@ class DiffusionFamily(ModelFamily):
     resolution_multiple: ClassVar[int] = 8
     #: Whether `model.train_text_encoder` is supported (SDXL); the others keep their encoders frozen.
     text_encoder_trainable: ClassVar[bool] = False
+    methods: ClassVar[tuple[str, ...]] = ("sft", "dpo", "grpo", "nft")  # nft: DiffusionNFT on the denoiser
 
     def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
         super().__init__(cfg, device, weight_dtype)
@@ -544,7 +872,7 @@ class DiffusionFamily(ModelFamily):
         vae = self.from_pretrained(cls, "vae", torch.float32)
         if not vae.config.get("force_upcast", True):
             vae.to(self.weight_dtype)
-        return vae.to(self.device)
+        return self.place_frozen("vae", vae)
 
     def flow_matching_objective(self, scheduler_config: dict, patch_size: int = 2):
         """Flow matching with the scheduler's shift (static, or resolution-dependent as the
@@ -612,6 +940,7 @@ _FAMILIES = {
     "qwen_image_edit_plus": "glm_training.models.qwen_image:QwenImageEditPlusFamily",
     "glm_image": "glm_training.models.glm_image:GlmImageFamily",
     "bagel": "glm_training.models.bagel.family:BagelFamily",
+    "prompt_policy": "glm_training.models.prompt_policy:PromptPolicyFamily",
 }
 
 

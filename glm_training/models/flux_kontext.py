@@ -33,6 +33,9 @@ class FluxKontextFamily(DiffusionFamily):
     component_choices = ("transformer",)
     component_groups = {"transformer": ("transformer",)}
     default_component = "transformer"
+    quantizable = ("transformer", "text_encoder", "text_encoder_2")
+    gguf_component = "transformer"
+    fsdp_blocks = {"transformer": ("FluxTransformerBlock", "FluxSingleTransformerBlock")}
     default_lora_targets = {"transformer": FLUX_ATTENTION_TARGETS}
     default_dpo_beta = 1000.0  # flow-matching DPO (ALGORITHMS.md: ~100-2000; FLUX LoRA spiked at 500)
     resolution_multiple = 16  # VAE 8x, then 2x2 packing
@@ -72,7 +75,7 @@ class FluxKontextFamily(DiffusionFamily):
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel)):
-            module = self.from_pretrained(cls, name, self.weight_dtype).to(self.device).eval()
+            module = self.place_frozen(name, self.from_pretrained(cls, name, self.weight_dtype)).eval()
             module.requires_grad_(False)
             self.modules[name] = module
         revision = self.cfg.model.revision

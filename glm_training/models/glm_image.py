@@ -89,6 +89,9 @@ class GlmImageFamily(DiffusionFamily):
     component_choices = ("ar", "dit")
     component_groups = {"dit": ("dit",), "ar": ("ar",), "both": ("ar", "dit")}
     default_component = "dit"
+    quantizable = ("transformer", "vision_language_encoder", "text_encoder")
+    quantize_aliases = {"dit": "transformer", "ar": "vision_language_encoder"}
+    fsdp_blocks = {"dit": ("GlmImageTransformerBlock",), "ar": ("GlmImageTextDecoderLayer",)}
     default_lora_targets = {
         "dit": ["to_q", "to_k", "to_v", "to_out.0"],
         # Language-model attention only: the vision tower and VQ tokenizer make the targets.
@@ -114,18 +117,12 @@ class GlmImageFamily(DiffusionFamily):
         from transformers import GlmImageForConditionalGeneration, GlmImageProcessor
 
         path = self.model_path
-        try:
-            dit = GlmImageTransformer2DModel.from_pretrained(
-                path, subfolder="transformer", torch_dtype=self.weight_dtype, variant=self.cfg.model.variant,
-                **self._kwargs())
-        except OSError as error:
-            raise ConfigError(f"model.pretrained_model_name_or_path: {path} is not a GLM-Image pipeline "
-                              f"folder or hub id with a transformer/ subfolder ({error}).") from None
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **self._kwargs())
-        ar = GlmImageForConditionalGeneration.from_pretrained(
-            path, subfolder="vision_language_encoder", dtype=self.weight_dtype, **self._kwargs())
+        # Through ModelFamily.from_pretrained: clear errors, model.variant and model.quantize per folder.
+        dit = self.from_pretrained(GlmImageTransformer2DModel, "transformer", self.weight_dtype)
+        vae = self.from_pretrained(AutoencoderKL, "vae", torch.float32)
+        ar = self.from_pretrained(GlmImageForConditionalGeneration, "vision_language_encoder", self.weight_dtype)
         self.processor = GlmImageProcessor.from_pretrained(path, subfolder="processor", **self._kwargs())
-        self.modules = {"dit": dit.to(self.device), "vae": vae.to(self.device).eval(),
+        self.modules = {"dit": dit.to(self.device), "vae": self.place_frozen("vae", vae).eval(),
                         "ar": ar.to(self.device).eval()}
         self.scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler",
                                                                             **self._kwargs())
@@ -159,9 +156,8 @@ class GlmImageFamily(DiffusionFamily):
             return
         from transformers import ByT5Tokenizer, T5EncoderModel
 
-        encoder = T5EncoderModel.from_pretrained(self.model_path, subfolder="text_encoder",
-                                                 dtype=self.weight_dtype, **self._kwargs())
-        self.modules["text_encoder"] = encoder.to(self.device).eval().requires_grad_(False)
+        encoder = self.from_pretrained(T5EncoderModel, "text_encoder", self.weight_dtype)
+        self.modules["text_encoder"] = self.place_frozen("text_encoder", encoder).eval().requires_grad_(False)
         self.tokenizer = ByT5Tokenizer.from_pretrained(self.model_path, subfolder="tokenizer", **self._kwargs())
 
     def setup_training(self) -> None:
@@ -204,8 +200,8 @@ class GlmImageFamily(DiffusionFamily):
     def setup_rollouts(self, steps: int, guidance_scale: float, noise_level: float,
                        sde_window: list[int] | None = None) -> None:
         if guidance_scale != 1.0:
-            raise ConfigError("grpo.guidance_scale with grpo.train_cfg: GLM-Image decodes the AR's tokens without "
-                              "classifier-free guidance; set grpo.guidance_scale: 1.0 (or train_cfg: false).")
+            raise ConfigError("grpo.guidance_scale: GLM-Image decodes the AR's tokens without classifier-free "
+                              "guidance; set grpo.guidance_scale: 1.0.")
         self.dit_part.setup_rollouts(steps, 1.0, noise_level, sde_window)
 
     def sample_decoded(self, batch: dict[str, Any], group: int, token_seed: int, seed: int, step: int,

@@ -208,6 +208,9 @@ def generate_image_tokens(ar_model: Any, prompt: ArPrompt, seed: int, temperatur
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
+    # The full softmax at `temperature`, whatever the checkpoint's generation config says (its
+    # top_k / top_p would truncate the sampled distribution under the log-probs; TRL pins them too).
+    generate_kwargs = {"top_k": 0, "top_p": 1.0, "min_p": None, **generate_kwargs}
     count = prompt.num_image_tokens
     output = ar_model.generate(**prompt.generate_kwargs(), max_new_tokens=count + 1, do_sample=True,
                                temperature=temperature, output_logits=True, return_dict_in_generate=True,

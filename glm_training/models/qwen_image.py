@@ -56,6 +56,9 @@ class QwenImageFamily(DiffusionFamily):
     component_choices = ("transformer",)
     component_groups = {"transformer": ("transformer",)}
     default_component = "transformer"
+    quantizable = ("transformer", "text_encoder")
+    gguf_component = "transformer"
+    fsdp_blocks = {"transformer": ("QwenImageTransformerBlock",)}
     default_lora_targets = {"transformer": QWEN_ATTENTION_TARGETS}
     default_dpo_beta = 1000.0  # flow-matching DPO (ALGORITHMS.md: ~100-2000)
     resolution_multiple = 16  # VAE 8x, then 2x2 packing
@@ -81,7 +84,7 @@ class QwenImageFamily(DiffusionFamily):
         transformer = self.from_pretrained(QwenImageTransformer2DModel, "transformer",
                                             self.weight_dtype).to(self.device)
         # Same dtype as the text encoder: the edit pipelines feed the VAE in the prompt embeddings' dtype.
-        vae = self.from_pretrained(AutoencoderKLQwenImage, "vae", self.weight_dtype).to(self.device).eval()
+        vae = self.place_frozen("vae", self.from_pretrained(AutoencoderKLQwenImage, "vae", self.weight_dtype)).eval()
         self.modules = {"transformer": transformer, "vae": vae}
         self.pipeline_class = getattr(diffusers, self.pipeline_class_name)
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
@@ -101,7 +104,7 @@ class QwenImageFamily(DiffusionFamily):
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
         module = self.from_pretrained(Qwen2_5_VLForConditionalGeneration, "text_encoder", self.weight_dtype)
-        self.modules["text_encoder"] = module.to(self.device).eval().requires_grad_(False)
+        self.modules["text_encoder"] = self.place_frozen("text_encoder", module).eval().requires_grad_(False)
         revision = self.cfg.model.revision
         self.tokenizer = Qwen2Tokenizer.from_pretrained(self.model_path, subfolder="tokenizer", revision=revision)
         self.processor = None

@@ -23,6 +23,8 @@ class SDXLFamily(DiffusionFamily):
     component_choices = ("unet", "text_encoder", "text_encoder_2")
     component_groups = {"unet": ("unet",)}
     default_component = "unet"
+    quantizable = ("unet", "text_encoder", "text_encoder_2")
+    fsdp_blocks = {"unet": ("BasicTransformerBlock", "ResnetBlock2D")}
     default_lora_targets = {"unet": ["to_k", "to_q", "to_v", "to_out.0"]}
     default_dpo_beta = 5000.0
     text_encoder_trainable = True
@@ -50,8 +52,12 @@ class SDXLFamily(DiffusionFamily):
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"model.prediction_type: SDXL supports epsilon or v_prediction, "
                               f"the scheduler says {prediction_type!r}.")
+        config = scheduler.config
         self.objective = EpsilonObjective(scheduler.alphas_cumprod, prediction_type,
-                                          snr_gamma=self.cfg.training.snr_gamma)
+                                          snr_gamma=self.cfg.training.snr_gamma,
+                                          timestep_spacing=config.get("timestep_spacing", "leading"),
+                                          steps_offset=config.get("steps_offset", 0),
+                                          set_alpha_to_one=config.get("set_alpha_to_one", False))
         self.pipeline_class = StableDiffusionXLPipeline
         # The sampling scheduler's config as the checkpoint wrote it, read once (pipeline() runs per encode).
         self.scheduler_config = DDPMScheduler.load_config(self.model_path, subfolder="scheduler",
@@ -66,7 +72,7 @@ class SDXLFamily(DiffusionFamily):
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            self.modules[name] = self.from_pretrained(cls, name, self.weight_dtype).to(self.device).eval()
+            self.modules[name] = self.place_frozen(name, self.from_pretrained(cls, name, self.weight_dtype)).eval()
             self.modules[name].requires_grad_(False)
         self.tokenizers = [CLIPTokenizer.from_pretrained(self.model_path, subfolder=sub,
                                                          revision=self.cfg.model.revision)

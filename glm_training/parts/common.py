@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -14,6 +15,42 @@ from glm_training.data.datasets import sample_generator
 # resume contract: changing one changes every run's draws.
 SALT_NOISE, SALT_CAPTION_DROPOUT, SALT_ROLLOUT, SALT_TIMESTEPS = 3, 4, 5, 6
 SALT_ONLINE, SALT_CONTROL_DROPOUT, SALT_DECODE = 7, 8, 9
+
+
+class Part:
+    """What every part kind has: its family, its name (metric prefix, `reward.weights` key) and the
+    run's records."""
+
+    #: Whether its rollout predictions call the unwrapped network (not the DDP wrapper's forward),
+    #: so that DDP never averages their gradients: the GRPO trainer then averages them itself.
+    rollout_bypasses_wrapper = False
+
+    def __init__(self, family: Any, name: str):
+        self.family, self.name = family, name
+        self.records: list = []
+
+    @property
+    def cfg(self) -> Any:
+        return self.family.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return self.family.device
+
+    @contextlib.contextmanager
+    def evaluating(self, records: list) -> Iterator[None]:
+        """Inside the block the part reads `records` (the eval split: batch indices point into them),
+        without caption or control dropout and without the cache; its training state is restored after."""
+        saved = dict(vars(self))
+        try:
+            self.prepare(records, caption_dropout=0.0, use_cache=False)
+            encoder = getattr(self, "encoder", None)
+            if encoder is not None and hasattr(encoder, "control_dropout"):
+                encoder.control_dropout = 0.0
+            yield
+        finally:
+            vars(self).clear()
+            vars(self).update(saved)
 
 
 @dataclass

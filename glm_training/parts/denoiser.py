@@ -22,7 +22,7 @@ from glm_training.algorithms.grpo import clipped_policy_loss, flow_kl
 from glm_training.algorithms.objectives import per_sample_mse
 from glm_training.config import ConfigError
 from glm_training.data.datasets import Record, sample_generator
-from glm_training.parts.common import SALT_ROLLOUT, SALT_TIMESTEPS, StepContext
+from glm_training.parts.common import SALT_ROLLOUT, SALT_TIMESTEPS, Part, StepContext
 from glm_training.parts.conditioning import ConditionEncoder
 from glm_training.parts.sampler import DiffusionSampler, Trajectory, generation_conditions, to_unit_images
 
@@ -79,7 +79,7 @@ class DenoiserRollout:
         return cls(trajectory, inputs=inputs)
 
 
-class Denoiser:
+class Denoiser(Part):
     """A denoising network of a family. The hooks default to the family's own methods; a family
     whose denoiser needs more (BAGEL's packed sequences, GLM-Image's prior tokens) subclasses this."""
 
@@ -94,20 +94,11 @@ class Denoiser:
     exact_preference = False
 
     def __init__(self, family: Any, name: str):
-        self.family, self.name = family, name
+        super().__init__(family, name)
         self.encoder: ConditionEncoder | None = None
-        self.records: list[Record] = []
         self.sampler: DiffusionSampler | None = None
 
     # -- the hooks the shared code calls -----------------------------------------------------
-
-    @property
-    def cfg(self) -> Any:
-        return self.family.cfg
-
-    @property
-    def device(self) -> torch.device:
-        return self.family.device
 
     @property
     def objective(self) -> Any:
@@ -165,6 +156,17 @@ class Denoiser:
         loss = diffusion_sft_loss(self, latents, condition, noise, timesteps).mean()
         return loss, {"loss": loss.item()}
 
+    def sft_eval_losses(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Validation: the SFT loss per sample (B,) and each sample's timestep on [0, 1] (1 = pure
+        noise), at the noise and timestep drawn from (seed, ctx.epoch, index), as `sft_loss`."""
+        latents, condition = self.encoder(batch, ctx.epoch)
+        noise, timesteps = self.encoder.noise_and_timesteps(latents, batch["index"], ctx.epoch,
+                                                            self.cfg.training.noise_offset)
+        losses = diffusion_sft_loss(self, latents, condition, noise, timesteps)
+        total = getattr(self.objective, "num_train_timesteps", None)  # epsilon: integer steps; flow: sigmas
+        unit = timesteps.float().cpu() / total if total else timesteps.float().cpu()
+        return losses.detach().float().cpu(), unit
+
     # -- Diffusion-DPO ---------------------------------------------------------------------------
 
     def dpo_beta(self, dpo: Any, alone: bool) -> float:
@@ -200,6 +202,8 @@ class Denoiser:
         latents, condition, noise, timesteps = self.pair_inputs(batch, ctx.epoch, pairs)
         errors = denoising_errors(self, latents, condition, noise, timesteps)
         with torch.no_grad(), self.family.reference():
+            if self.cfg.model.train_text_encoder:  # the reference conditions with the base text encoders
+                condition = self.pair_inputs(batch, ctx.epoch, pairs)[1]
             ref_errors = denoising_errors(self, latents, condition, noise, timesteps)
         return preference_from_errors(errors, ref_errors, beta, self.cfg.dpo)
 
@@ -302,6 +306,59 @@ class Denoiser:
 
     record_class = DenoiserRollout
 
+    # -- DiffusionNFT (training.method: nft) ------------------------------------------------------
+
+    #: Seeded draws of the NFT timesteps and noise (distinct from every salt in parts.common).
+    nft_salt = 10
+
+    def nft_record(self, record: DenoiserRollout) -> "NFTRollout":
+        """What NFT keeps of an (old-policy, ODE) rollout: the clean latents, the condition and the
+        inputs another part gave it; the trajectory is dropped."""
+        return NFTRollout(record.trajectory.final.detach(), record.condition, record.uncondition, dict(record.inputs))
+
+    def nft_backward(self, record: "NFTRollout", weights: torch.Tensor, valid: torch.Tensor, members: list[int],
+                     ctx: StepContext) -> dict[str, float]:
+        """DiffusionNFT on the rollout's clean latents: per trained timestep (`nft.timesteps_per_sample`,
+        from the family's training density, with noise, drawn per member from (seed, step, member)),
+        the trained, old (`family.old_policy()`) and, with `grpo.beta` > 0, reference predictions
+        at the same noised latents -> `algorithms.nft.nft_loss` (flow) or, for epsilon / v models,
+        `nft_loss_x0` on the x0 each output implies; one backward per timestep. `weights`: the
+        optimality weights r in [0, 1]; `valid`: False in zero-std groups (left out)."""
+        from glm_training.algorithms.nft import nft_loss, nft_loss_x0, x0_from_prediction
+        from glm_training.algorithms.objectives import EpsilonObjective
+
+        nft, grpo, objective = self.cfg.nft, self.cfg.grpo, self.objective
+        latents, condition = record.latents.to(self.device).float(), record.condition
+        count = nft.timesteps_per_sample
+        sums: dict[str, float] = {}
+        for j in range(count):
+            generators = [sample_generator(ctx.seed, ctx.step, member * count + j, self.nft_salt) for member in members]
+            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators]).to(latents)
+            timesteps = torch.cat([objective.sample_timesteps(1, latents[i:i + 1], g) for i, g in enumerate(generators)])
+            noisy = objective.add_noise(latents, noise, timesteps)
+            output = self.predict(noisy, timesteps, condition)
+            with torch.no_grad(), self.family.old_policy():
+                old = self.predict(noisy, timesteps, condition)
+            reference = None
+            if grpo.beta > 0:
+                with torch.no_grad(), self.family.reference():
+                    reference = self.predict(noisy, timesteps, condition)
+            if isinstance(objective, EpsilonObjective):
+                alphas = objective.alphas_cumprod[timesteps.cpu().long()].to(self.device)
+                kind = objective.prediction_type
+                loss, stats = nft_loss_x0(
+                    x0_from_prediction(output, noisy, alphas, kind), x0_from_prediction(old, noisy, alphas, kind),
+                    latents, weights, nft.beta, grpo.adv_clip_max, grpo.beta,
+                    pred_theta=output if reference is not None else None, pred_ref=reference, mask=valid)
+            else:
+                loss, stats = nft_loss(output, old, latents, noisy, timesteps.to(self.device), weights, nft.beta,
+                                       grpo.adv_clip_max, grpo.beta, v_ref=reference, mask=valid)
+            ctx.backward(loss * ctx.scale / count)
+            stats["timestep_mean"] = timesteps.float().mean()
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        return {key: value / count for key, value in sums.items()}
+
 
 def preference_from_errors(errors: torch.Tensor, ref_errors: torch.Tensor, beta: float, dpo: Any
                            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -313,3 +370,31 @@ def preference_from_errors(errors: torch.Tensor, ref_errors: torch.Tensor, beta:
     if dpo.sft_weight:
         loss = loss + dpo.sft_weight * errors[:half].mean()
     return loss, metrics
+
+
+@dataclass
+class NFTRollout:
+    """A micro-batch of DiffusionNFT rollouts: the old policy's clean latents (B*G, ...) only, no
+    trajectory. Serialised like `DenoiserRollout` (tensors; the condition is rebuilt after a resume)."""
+
+    latents: torch.Tensor
+    condition: dict[str, Any] | None = None
+    uncondition: dict[str, Any] | None = None
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_tensors(self, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{prefix}.latents": self.latents.detach().cpu().contiguous()}
+        tensors.update({f"{prefix}.inputs.{k}": v.detach().cpu().clone() for k, v in self.inputs.items()})
+        return tensors, {"inputs": sorted(self.inputs)}
+
+    def replace_members(self, members: list[int], other: "NFTRollout") -> None:
+        index = torch.tensor(members)
+        self.latents[index.to(self.latents.device)] = other.latents.to(self.latents.device)
+        for key, value in self.inputs.items():
+            value[index.to(value.device)] = other.inputs[key].to(value.device)
+        self.condition = self.uncondition = None
+
+    @classmethod
+    def from_tensors(cls, handle: Any, prefix: str, meta: dict[str, Any], device: torch.device) -> "NFTRollout":
+        inputs = {k: handle.get_tensor(f"{prefix}.inputs.{k}").to(device) for k in meta["inputs"]}
+        return cls(handle.get_tensor(f"{prefix}.latents").to(device), inputs=inputs)

@@ -50,16 +50,9 @@ class DiffusionSampler:
     def schedule(self, latents: torch.Tensor) -> list[tuple[torch.Tensor, float, float]]:
         """(model timestep, a, a_next) per step: alphas_cumprod (epsilon) or sigmas (flow)."""
         objective = self.family.objective
-        if self.is_epsilon:
-            total = objective.num_train_timesteps
-            ratio = total // self.num_steps
-            timesteps = [int(t) for t in (torch.arange(self.num_steps) * ratio).flip(0) + 1]
-            alphas = objective.alphas_cumprod
-            out = []
-            for t in timesteps:
-                prev = t - ratio
-                out.append((torch.tensor(t), float(alphas[t]), float(alphas[prev]) if prev >= 0 else float(alphas[0])))
-            return out
+        if self.is_epsilon:  # the checkpoint's own spacing, offset and final alpha (DDIMScheduler)
+            return [(torch.tensor(t), float(objective.alphas_cumprod[t]), objective.alpha_before(t, self.num_steps))
+                    for t in objective.sampling_timesteps(self.num_steps)]
         base = torch.linspace(1.0, 0.0, self.num_steps + 1)[:-1]
         sigmas = objective.shift(base, objective.image_seq_len(latents)).tolist() + [0.0]
         return [(torch.tensor(sigmas[k]), sigmas[k], sigmas[k + 1]) for k in range(self.num_steps)]

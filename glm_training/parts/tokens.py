@@ -22,7 +22,7 @@ import torch
 from glm_training.algorithms.dpo import token_dpo_loss
 from glm_training.algorithms.grpo import token_grpo_loss
 from glm_training.data.datasets import Record
-from glm_training.parts.common import StepContext, drop_captions
+from glm_training.parts.common import Part, StepContext, drop_captions
 
 #: Token-DPO beta when neither dpo.beta nor dpo.token_beta gives one (TRL's default).
 TOKEN_DPO_BETA = 0.1
@@ -71,7 +71,7 @@ class TokenRollout:
         return cls(meta["prompts"], get("tokens"), get("gen_logprobs"), controls, get("old_logprobs"), outputs)
 
 
-class TokenPolicy(ABC):
+class TokenPolicy(Part, ABC):
     """A token generator of a family; the family subclasses it with the two hooks."""
 
     kind = "tokens"
@@ -80,18 +80,6 @@ class TokenPolicy(ABC):
     rollout_needs = frozenset({"prompt"})
     online_pairs = False  # online DPO pairs come from the diffusion sampler
     exact_preference = True  # log-probs of given tokens: nothing is drawn
-
-    def __init__(self, family: Any, name: str):
-        self.family, self.name = family, name
-        self.records: list[Record] = []
-
-    @property
-    def cfg(self) -> Any:
-        return self.family.cfg
-
-    @property
-    def device(self) -> torch.device:
-        return self.family.device
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -129,6 +117,12 @@ class TokenPolicy(ABC):
         loss = self.token_ce(self.prompts_for(batch, ctx.epoch), batch["pixel_values"],
                              batch.get("control_pixel_values")).mean()
         return loss, {"loss": loss.item()}
+
+    def sft_eval_losses(self, batch: dict[str, Any], ctx: StepContext) -> tuple[torch.Tensor, None]:
+        """Validation: the per-sample token CE (B,); nothing is drawn, so no timesteps."""
+        losses = self.token_ce(self.prompts_for(batch, ctx.epoch), batch["pixel_values"],
+                               batch.get("control_pixel_values"))
+        return losses.detach().float().cpu(), None
 
     # -- token DPO -------------------------------------------------------------------------------
 
@@ -205,13 +199,24 @@ class TokenPolicy(ABC):
             raise RuntimeError("token GRPO: a later iteration without the first iteration's log-probs.")
         else:
             old = record.old_logprobs
-        mask = valid[:, None].expand_as(logprobs)  # zero-std groups are masked out of the loss
-        loss, stats = token_grpo_loss(logprobs, old, advantages, mask, grpo.epsilon, grpo.epsilon_high,
-                                      grpo.beta, reference, grpo.loss_type)
+        # Zero-std groups are masked out of the loss, and so are the tokens after a sequence's end
+        # (`completion_mask`, for policies whose sequences have their own lengths).
+        completion = record.outputs.get("completion_mask")
+        completion = torch.ones_like(logprobs, dtype=torch.bool) if completion is None else \
+            completion.to(logprobs.device).bool()
+        mask = valid[:, None].to(logprobs.device) & completion
+        loss, stats = token_grpo_loss(logprobs, old, advantages.to(logprobs.device), mask, grpo.epsilon,
+                                      grpo.epsilon_high, grpo.beta, reference, grpo.loss_type,
+                                      **self.loss_options())
         ctx.backward(loss * ctx.scale)
         with torch.no_grad():
-            gap = (logprobs.detach() - record.gen_logprobs.to(logprobs.device)).abs().mean()
+            gap = ((logprobs.detach() - record.gen_logprobs.to(logprobs.device)).abs() * completion).sum()
+            gap = gap / completion.sum().clamp_min(1)
         return {"loss": float(loss.detach()), **{k: float(v) for k, v in stats.items()},
                 "gen_logprob_abs_diff": float(gap)}
+
+    def loss_options(self) -> dict[str, Any]:
+        """Extra `token_grpo_loss` options of this policy (e.g. `max_completion_length` for dr_grpo)."""
+        return {}
 
     record_class = TokenRollout

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from glm_training.config import Config, ConfigError
+from glm_training.evaluation import validation
 from glm_training.data.datasets import collate, load_records, make_batch_sampler
 from glm_training.data.images import open_image
 from glm_training.models.base import ModelFamily, build_family
@@ -37,6 +38,16 @@ from glm_training.utils.memory import memory_stats
 from glm_training.utils.tracking import Trackers, image_grid
 
 logger = logging.getLogger(__name__)
+
+
+def distributed_strategy() -> str:
+    """What `accelerate launch --config_file configs/accelerate/<name>.yaml` asked for (it sets these
+    variables; torchrun users set them by hand): "fsdp", "deepspeed" or "ddp" (also one process)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        return "deepspeed"
+    return "ddp"
 
 
 def make_accelerator(cfg: Config):
@@ -56,11 +67,53 @@ def make_accelerator(cfg: Config):
         from accelerate.state import AcceleratorState
 
         # One process may run several trainers (notebooks, tests): accelerate's state is a
-        # singleton that would otherwise keep the first run's mixed precision.
-        AcceleratorState._reset_state()
-    # cpu=True on machines without CUDA: otherwise accelerate does not wrap DDP on CPU ranks.
-    return Accelerator(mixed_precision=cfg.training.mixed_precision, kwargs_handlers=handlers,
-                       cpu=not torch.cuda.is_available())
+        # singleton that would otherwise keep the first run's mixed precision. accelerate 1.15
+        # offers no public reset (only this, which its own tests use).
+        AcceleratorState._reset_state(reset_partial_state=False)
+    strategy, plugins = distributed_strategy(), {}
+    if strategy == "fsdp":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        from glm_training.models.base import family_class
+
+        family = family_class(cfg.model.family)
+        group = cfg.model.component or family.default_component
+        blocks = [name for component in family.component_groups[group] for name in family.block_classes(component)]
+        # FSDP2 (fully_shard); the rest (state dict type, offload, reshard) from the launch config.
+        plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=blocks)
+    elif strategy == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("DeepSpeed was asked for (accelerate launch with a deepspeed_zero*.yaml config, "
+                              "ACCELERATE_USE_DEEPSPEED=true) but the deepspeed package is not installed: "
+                              "pip install -e '.[deepspeed]' (or launch with configs/accelerate/fsdp.yaml)."
+                              ) from None
+    # step_scheduler_with_optimizer=False: the schedule counts optimizer steps, whatever the world size
+    # (accelerate would otherwise step it once per process). cpu=True on machines without CUDA:
+    # otherwise accelerate does not wrap DDP on CPU ranks.
+    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, kwargs_handlers=handlers,
+                              cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False, **plugins)
+    if strategy == "fsdp" and accelerator.distributed_type.value != "FSDP":
+        if accelerator.num_processes > 1 and not torch.cuda.is_available():
+            from accelerate.utils import DistributedType
+
+            # accelerate turns FSDP on only for accelerator devices; torch's fully_shard also runs on
+            # CPU ranks (gloo), which is how the FSDP tests run on machines without a GPU.
+            plugin = plugins["fsdp_plugin"]
+            if cfg.training.mixed_precision != "no":  # as accelerate does on GPUs
+                plugin.set_mixed_precision(cfg.training.mixed_precision)
+            from accelerate.state import PartialState
+
+            accelerator.state.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as accelerate does
+            accelerator.state.fsdp_plugin = plugin
+        else:
+            raise ConfigError(f"FSDP was asked for (ACCELERATE_USE_FSDP) but accelerate runs as "
+                              f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es); "
+                              "launch with accelerate launch --config_file configs/accelerate/fsdp.yaml.")
+    return accelerator
 
 
 class BaseTrainer(ABC):
@@ -119,10 +172,55 @@ class BaseTrainer(ABC):
     def save_extra_state(self, folder: Path) -> None:
         """Every rank: write this trainer's own resumable state (GRPO: the rollout buffer) into the
         checkpoint's tmp folder, before the rename that makes it complete. Write with
-        `ckpt.write_tensors` / `ckpt.write_json` (durable; one file per rank)."""
+        `ckpt.write_tensors` / `ckpt.write_json` (durable; one file per rank). Here: the EMA
+        averages and the evaluator's state (best value, patience, guardrail baseline); subclasses
+        call super()."""
+        validation.save_state(self, folder)
 
     def load_extra_state(self, folder: Path) -> None:
         """Every rank, on resume: read back what `save_extra_state` wrote into `folder`."""
+        validation.load_state(self, folder)
+
+    # -- evaluation hooks (glm_training/evaluation/validation.py runs them) ------------------------
+
+    def eval_split(self) -> list:
+        """The held-out records (`data.eval_path` / `data.eval_fraction` / the layout's eval_* files)
+        with the fields this trainer reads; [] when the data has no eval split."""
+        cfg = self.cfg
+        needs = self.record_needs(cfg, self.parts)
+        same_controls = cfg.training.batch_size > 1 and "conversation" not in needs
+        return load_records(cfg.data, needs, split="eval", same_control_count=same_controls)
+
+    def validation_losses(self, records: list) -> dict[str, float]:
+        """`eval/*` losses on the eval records (inside `validation.evaluation_mode`); SFT and DPO give them."""
+        return {}
+
+    def has_evaluation(self, evaluator: Any) -> bool:
+        """Whether an evaluation at the end of training has anything to compute."""
+        return bool(evaluator.records) or evaluator.metrics is not None or evaluator.rewards is not None
+
+    def log_eval(self, values: dict[str, float], step: int) -> None:
+        """Log one evaluation's `eval/*` values (GRPO logs each step's evaluation once)."""
+        self.trackers.log(values, step)
+
+    def eval_metrics(self, step: int) -> dict[str, float]:
+        """Main process: every `eval/*` value at this step: validation losses on the eval split, then
+        `eval.metrics` / `eval.rewards` on images generated for the eval prompts (or logging.sample_prompts)."""
+        evaluator = validation.evaluator_of(self)
+        values: dict[str, float] = {}
+        if evaluator.records:
+            with validation.evaluation_mode(self, evaluator.records):
+                values.update(self.validation_losses(evaluator.records))
+        if evaluator.metrics is not None or evaluator.rewards is not None:
+            from glm_training.data.records import Record
+
+            records = evaluator.records or [Record(p) for p in self.cfg.logging.sample_prompts]
+            if not records:
+                raise ConfigError("eval.metrics / eval.rewards: there are no eval prompts; set data.eval_path or "
+                                  "data.eval_fraction (targets for lpips/ssim/fid) or logging.sample_prompts.")
+            with validation.evaluation_mode(self, records):
+                values.update(validation.generated_metrics(self, evaluator, records))
+        return values
 
     # ------------------------------------------------------------------------------------------
     # Run folder and resume
@@ -162,6 +260,18 @@ class BaseTrainer(ABC):
         self.run_start = ckpt.RunStart(run_dir, created, before, step=0)
         if self.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
+        # Nodes that do not see rank 0's folder have their own disk: there each node's first rank
+        # writes the run folder and every checkpoint (each node then holds a resumable copy).
+        self.shared_disk = ckpt.all_ranks_see(run_dir)
+        self.writes_files = self.is_main if self.shared_disk else self.accelerator.is_local_main_process
+        self.accelerator.project_configuration.save_on_each_node = not self.shared_disk
+        if not self.shared_disk and self.is_main:
+            logger.warning("%s is not on a disk every node shares: each node writes its own copy of the run "
+                           "folder and checkpoints (resume on the same nodes).", run_dir)
+        if self.writes_files:
+            if not self.is_main:
+                self.run_start = ckpt.RunStart(run_dir, not run_dir.exists(), ckpt.snapshot_entries(run_dir), step=0)
+            run_dir.mkdir(parents=True, exist_ok=True)
             for stale in ckpt.remove_stale_tmp(run_dir):  # half-written saves of killed runs
                 logger.info("Removed %s (left by a killed run).", stale)
             # A resumed run keeps the original config.yaml and records what it resumed with.
@@ -178,10 +288,11 @@ class BaseTrainer(ABC):
         run_preflight(self.cfg)  # output dir and rewards: checked before any weight is read
         cfg, acc = self.cfg, self.accelerator
         # Declarations, then data, then weights: bad data fails in seconds, before any model load.
-        self.family = build_family(cfg, self.device, load=False)
+        with self.first_on_each_disk():  # a `tiny:` model is built once per disk, by its first process
+            self.family = build_family(cfg, self.device, load=False)
         self.parts = self.family.parts()
         records = self.records_for(cfg, self.parts)
-        with acc.main_process_first():  # one process builds/downloads, others reuse
+        with self.first_on_each_disk():  # one process builds/downloads, others reuse
             self.family.load()
         # Seed after loading (building a tiny model draws random numbers): LoRA init and dropout
         # then depend only on the seed.
@@ -196,15 +307,79 @@ class BaseTrainer(ABC):
         groups = {name: [p for p in module.parameters() if p.requires_grad]
                   for name, module in self.family.components().items()}
         optimizer = build_optimizer(cfg, groups)
-        self.scheduler = build_scheduler(cfg, optimizer, self.max_steps)
-        for name in self.family.trained:
-            self.family.modules[name] = acc.prepare_model(self.family.modules[name])
-        self.optimizer = acc.prepare_optimizer(optimizer)
-        self.trainable_params = [p for params in groups.values() for p in params]
+        scheduler = build_scheduler(cfg, optimizer, self.max_steps)
+        self._prepare(optimizer, scheduler)
         if self.resume_path is not None:
             self._restore(self.resume_path)
         self.trackers = Trackers(self.run_dir, cfg.logging.report_to, cfg.logging.project,
                                  cfg.to_dict(), cfg.logging.wandb_mode, enabled=self.is_main)
+
+    @contextlib.contextmanager
+    def first_on_each_disk(self):
+        """Rank 0 first, then each other node's first rank, then everyone else: what one process
+        writes (a built tiny model, a download) is then written once per disk, whether or not the
+        nodes share it (the caches are not necessarily where the run folder is)."""
+        acc = self.accelerator
+        with acc.main_process_first(), acc.local_main_process_first():
+            yield
+
+    def _prepare(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        """One `accelerator.prepare` of the trained modules, the optimizer and the schedule (FSDP2
+        shards the modules and swaps the optimizer's tensors for the sharded ones; DeepSpeed builds
+        its engine from all three), and the hooks that put the user-facing files in its state."""
+        acc, names = self.accelerator, list(self.family.trained)
+        self.sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
+        if self.sharded and len(names) > 1:
+            raise ConfigError(f"model.component: {self.family.component_group} trains {names} together; under "
+                              f"{acc.distributed_type.value} accelerate shards one model per optimizer: train one "
+                              "component at a time, or launch with configs/accelerate/ddp.yaml.")
+        prepared = acc.prepare(*[self.family.modules[name] for name in names], optimizer, scheduler)
+        for name, module in zip(names, prepared[:len(names)]):
+            self.family.modules[name] = module
+        self.optimizer, self.scheduler = prepared[len(names):]
+        if acc.distributed_type.value == "FSDP":
+            self._shard_references()
+        # After prepare: under FSDP2 these are the sharded tensors the optimizer now holds.
+        self.trainable_params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        acc.register_save_state_pre_hook(self._save_state_hook)
+        acc.register_load_state_pre_hook(self._load_state_hook)
+
+    def _shard_references(self) -> None:
+        """FSDP, full fine-tuning: shard the frozen reference / old-policy copies by the same blocks,
+        so that they cost 1/N of a copy per rank instead of a full one."""
+        from torch.distributed.fsdp import fully_shard
+
+        copies = {**(getattr(self.family, "_reference_modules", None) or {}),
+                  **(getattr(self.family, "_old_modules", None) or {})}
+        for name, module in copies.items():
+            blocks = set(type(self.family).block_classes(name))
+            for sub in module.modules():
+                if type(sub).__name__ in blocks:
+                    fully_shard(sub)
+            fully_shard(module)
+
+    def _save_state_hook(self, models: list, weights: list, output_dir: str) -> None:
+        """`Accelerator.save_state`, every rank: the trainable tensors and the user-facing LoRA files
+        (gathered from the shards under FSDP / ZeRO-3) go into the checkpoint; accelerate's full
+        model files (frozen base included) are dropped where accelerate would write them unsharded."""
+        weights.clear()
+        folder = Path(output_dir)
+        with self.family.full_weights():  # sharded: gathered on rank 0 (FSDP needs a shared disk to resume)
+            if self.writes_files and (self.is_main or not self.sharded):
+                ckpt.write_tensors(folder / "trainable.safetensors", self.family.trainable_state_dict())
+                self.family.save_adapter(folder)
+
+    def _load_state_hook(self, models: list, input_dir: str) -> None:
+        """`Accelerator.load_state`: unsharded runs read the trainable tensors back themselves
+        (accelerate then loads no model file); FSDP / DeepSpeed loaded their shards already."""
+        if self.sharded:
+            return
+        state = ckpt.load_trainable(Path(input_dir))
+        try:
+            self.family.load_trainable_state_dict(state)
+        except ConfigError as error:
+            raise ConfigError(f"training.resume_from_checkpoint: {input_dir}: {error}") from None
+        models.clear()
 
     # -- data: what the trainer needs, checked before the model loads ----------------------------
 
@@ -244,18 +419,27 @@ class BaseTrainer(ABC):
                            self.accelerator.backward, scale)
 
     def _restore(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, self.accelerator.process_index)
         where = f"training.resume_from_checkpoint: {path}"
-        try:
-            self.family.load_trainable_state_dict(state["trainable"])
-        except ConfigError as error:
-            raise ConfigError(f"{where}: {error}") from None
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except ValueError as error:  # torch: parameter groups / sizes differ
-            raise ConfigError(f"{where}: the optimizer state does not fit this config ({error}); resume with "
-                              "the optimizer and lora settings the checkpoint was written with.") from None
-        self.scheduler.load_state_dict(state["scheduler"])
+        state = ckpt.load_checkpoint(path, self.accelerator.process_index)
+        if ckpt.is_accelerate_state(path):
+            try:
+                self.accelerator.load_state(str(path))
+            except (ValueError, KeyError, RuntimeError) as error:  # torch: parameter groups / sizes differ
+                raise ConfigError(f"{where}: the optimizer or model state does not fit this config ({error}); "
+                                  "resume with the launch config (fsdp / ddp / deepspeed), optimizer and lora "
+                                  "settings the checkpoint was written with.") from None
+        else:  # written before accelerate's state: trainable tensors + optimizer.pt + scheduler.json
+            try:
+                self.family.load_trainable_state_dict(state["trainable"])
+            except ConfigError as error:
+                raise ConfigError(f"{where}: {error}") from None
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except ValueError as error:
+                raise ConfigError(f"{where}: the optimizer state does not fit this config ({error}); resume with "
+                                  "the optimizer and lora settings the checkpoint was written with.") from None
+            self.scheduler.load_state_dict(state["scheduler"])
+        # Ours last: accelerate restores RNG too but skips silently when it cannot.
         ckpt.set_rng_state(*state["rng"])
         trainer_state = state["trainer_state"]
         self.global_step = trainer_state["global_step"]
@@ -282,28 +466,29 @@ class BaseTrainer(ABC):
     # Checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        """Every rank writes its files into one tmp folder (rank 0 names it); once all are in,
-        rank 0 writes trainer_state.json, renames the folder complete and prunes old ones."""
+        """Every rank writes its files into one tmp folder (rank 0 names it): its RNG, its part of
+        `Accelerator.save_state` (optimizer, schedule; FSDP / DeepSpeed shards; the hook adds the
+        trainable tensors and LoRA files), its trainer extras. Once all are in, rank 0 (each node's
+        first rank where nodes do not share the disk) writes trainer_state.json, renames the folder
+        complete and prunes old ones."""
         acc = self.accelerator
         name = [ckpt.tmp_folder_name(self.global_step) if self.is_main else None]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(name, src=0)
         folder = self.run_dir / name[0]
-        if self.is_main:
+        if self.writes_files:
             ckpt.begin_checkpoint(self.run_dir, name[0])
         acc.wait_for_everyone()
         ckpt.write_rank_state(folder, acc.process_index, ckpt.rng_state())
-        if self.is_main:
-            ckpt.write_training_state(folder, trainable=self.family.trainable_state_dict(),
-                                      optimizer=self.optimizer, scheduler=self.scheduler)
-            ckpt.write_external(folder, self.family.save_adapter)
+        ckpt.write_external(folder, acc.save_state)
         self.save_extra_state(folder)
         acc.wait_for_everyone()
         path = None
-        if self.is_main:
+        if self.writes_files:
             state = {"global_step": self.global_step, "epoch": self.epoch,
                      "batch_in_epoch": self.batch_in_epoch, "method": self.method,
-                     "family": self.cfg.model.family, "num_processes": acc.num_processes}
+                     "family": self.cfg.model.family, "num_processes": acc.num_processes,
+                     "distributed_type": acc.distributed_type.value}
             path = ckpt.commit_checkpoint(folder, self.global_step, state,
                                           self.cfg.training.checkpoints_total_limit)
             logger.info("Saved %s", path)
@@ -334,12 +519,18 @@ class BaseTrainer(ABC):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        ema = validation.ema_of(self)
+        if ema is not None:  # training.ema: the averages follow every optimizer step
+            ema.step(validation.trainable_parameters(self.family))
         return None if grad_norm is None else float(grad_norm)
 
     def train(self) -> Path:
         if self.family is None:
             self.setup()
         acc = self.accelerator
+        validation.ema_of(self)  # built from the weights as set up (or resumed)
+        evaluator = validation.evaluator_of(self)
+        stopped_early = False
         accumulation = self.cfg.training.gradient_accumulation_steps
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         progress = tqdm(total=self.max_steps, initial=self.global_step, disable=not self.is_main,
@@ -367,6 +558,9 @@ class BaseTrainer(ABC):
                     self.global_step += 1
                     self._log_step(window, grad_norm, progress)
                     window = []
+                    # Before the checkpoint: it then holds this evaluation's best / patience state.
+                    if evaluator.due(self.global_step):
+                        stopped_early = evaluator.run(self.global_step)
                     if self.global_step % self.cfg.training.checkpointing_steps == 0:
                         self.save_checkpoint()
                     if self.cfg.logging.sample_steps and self.global_step % self.cfg.logging.sample_steps == 0:
@@ -374,8 +568,12 @@ class BaseTrainer(ABC):
                     if self._any_rank_stopping():
                         stopped_by_signal = True
                         break
-                    if self.global_step >= self.max_steps:
+                    if self.global_step >= self.max_steps or stopped_early:
                         break
+                if stopped_early:
+                    break
+            if not stopped_by_signal and evaluator.active and evaluator.last_step != self.global_step:
+                evaluator.run(self.global_step)  # the final weights are always evaluated
             last = ckpt.list_checkpoints(self.run_dir)
             if not last or last[-1].name != f"checkpoint-{self.global_step}":
                 self.save_checkpoint()
@@ -415,17 +613,23 @@ class BaseTrainer(ABC):
     def _sample(self, step: int) -> None:
         if not self.cfg.logging.sample_prompts:
             return
-        if self.is_main:
+        # Sharded modules (FSDP / ZeRO-3) run forward only with every rank taking part: all sample.
+        if self.is_main or getattr(self, "sharded", False):
             started = time.time()
-            self.sample_images(step)
+            with validation.weights(self):  # the EMA weights when training.ema is on
+                self.sample_images(step)
             logger.info("Sampled %d images in %.1fs", len(self.cfg.logging.sample_prompts), time.time() - started)
         self.accelerator.wait_for_everyone()
 
     def save_final(self) -> None:
         """The trained weights in the user-facing layout, in `<run>/final`."""
-        if self.is_main:
-            written = self.family.save_adapter(self.run_dir / "final")
-            logger.info("Saved final weights: %s", ", ".join(str(p) for p in written))
+        with self.family.full_weights():  # FSDP / ZeRO-3: every rank gathers, one writes (consolidated)
+            if self.writes_files and (self.is_main or not getattr(self, "sharded", False)):
+                written = self.family.save_adapter(self.run_dir / "final")
+                if validation.ema_of(self) is not None:  # the averages, in the same layout
+                    with validation.weights(self):
+                        written += self.family.save_adapter(self.run_dir / "final" / "ema")
+                logger.info("Saved final weights: %s", ", ".join(str(p) for p in written))
         self.accelerator.wait_for_everyone()
 
     def save_samples(self, images: list, captions: list[str], step: int, notes: list[str] | None = None,

@@ -83,10 +83,15 @@ class OnlinePairSource(PairSource):
         candidates, ties = [], 0
         for i, index in enumerate(batch["index"]):
             scores = total[i * group:(i + 1) * group]
+            if torch.isnan(scores).any():  # reward.on_error: skip_group left this group unscored
+                continue
             best, worst = int(scores.argmax()), int(scores.argmin())
             if scores[best] == scores[worst]:
                 ties += 1
             candidates.append((i, int(index), best, worst, scores))
+        if not candidates:
+            raise ValueError(f"dpo.online: every prompt of this batch (step {step}) had a failed reward "
+                             "(reward.on_error: skip_group); check the reward, or use on_error: zero.")
         # Ties carry no preference (Pick-a-Pic drops them); keep them only if nothing else is left.
         kept = [c for c in candidates if c[4][c[2]] > c[4][c[3]]] or candidates
         pairs, rows, self.last_scores = [], [], []
@@ -110,7 +115,8 @@ class OnlinePairSource(PairSource):
             "online/reward_chosen": sum(c for c, _ in self.last_scores) / len(self.last_scores),
             "online/reward_rejected": sum(r for _, r in self.last_scores) / len(self.last_scores),
             "online/reward_mean": float(total.mean()),
-            "online/tie_fraction": ties / len(candidates)}
+            "online/tie_fraction": ties / len(candidates),
+            "online/failed_group_fraction": 1 - len(candidates) / len(batch["index"])}
         return pairs
 
 
@@ -191,20 +197,19 @@ class DPOTrainer(BaseTrainer):
     @torch.no_grad()
     def evaluate(self, pairs: list, draws: int = 4) -> dict[str, float]:
         """DPO metrics (implicit accuracy, margins) on held-out pairs, averaged over `draws` fixed
-        noise/timestep draws per pair (one draw is a noisy estimate), without caption dropout."""
-        if all(part.exact_preference for part in self.parts):
-            draws = 1  # token log-probs are exact: nothing is drawn
+        noise/timestep draws per pair (one draw is a noisy estimate), without caption dropout, with
+        the evaluation weights (EMA when on)."""
+        from glm_training.evaluation import validation
+
         pairs = list(pairs)
-        saved = [(part, part.caption_dropout) for part in self.parts]
-        for part in self.parts:
-            part.caption_dropout = 0.0
-        try:
-            batch = collate([self.family.dataset(pairs, "pairs")[i] for i in range(len(pairs))])
-            results = []
-            for draw in range(draws):
-                loss, metrics = self.dpo_loss(batch, epoch=draw, pairs=pairs)
-                results.append({"loss": loss.item(), **{k: float(v) for k, v in metrics.items()}})
-        finally:
-            for part, dropout in saved:
-                part.caption_dropout = dropout
-        return {k: sum(r[k] for r in results) / draws for k in results[0]}
+        with validation.evaluation_mode(self, pairs):
+            return validation.preference_validation(self, pairs, draws)
+
+    def validation_losses(self, records: list) -> dict[str, float]:
+        """`eval/loss`, `eval/implicit_acc`, margins on the held-out pairs (eval.draws fixed draws).
+        Online DPO's eval split holds prompts only: no pairs, no preference loss."""
+        from glm_training.evaluation import validation
+
+        if not records or any(r.chosen is None or r.rejected is None for r in records):
+            return {}
+        return {f"eval/{k}": v for k, v in validation.preference_validation(self, records, self.cfg.eval.draws).items()}

@@ -26,7 +26,6 @@ rewards under it, next to a grid of the latest rollout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -173,6 +172,15 @@ class GRPOTrainer(BaseTrainer):
         sampler = IterationBatchSampler(base, self.cfg.training.gradient_accumulation_steps, iterations)
         return sampler, sampler.served_per_epoch
 
+    def optimizer_step(self) -> float | None:
+        acc = self.accelerator
+        if acc.num_processes > 1 and any(part.rollout_bypasses_wrapper for part in self.parts):
+            # Their backward never went through DDP's forward, so DDP did not average the gradients.
+            for param in self.trainable_params:
+                if param.grad is not None:
+                    param.grad = acc.reduce(param.grad, reduction="mean")
+        return super().optimizer_step()
+
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Not used: each part back-propagates its own loss in `backward`."""
         raise TypeError("GRPOTrainer back-propagates per part in backward().")
@@ -187,13 +195,15 @@ class GRPOTrainer(BaseTrainer):
         resampled = 0
         if self.cfg.grpo.dynamic_sample:
             resampled = self.resample_tied_groups(batch, group, generation, inputs, totals, per_reward)
+        self.family.on_scored(generation, totals, per_reward, self.global_step)
         advantages, valid, metrics = {}, {}, {}
         for part in self.parts:
             advantages[part.name], valid[part.name], metrics[part.name] = self.group_advantages(
                 batch, totals, per_reward, part.name)
             if self.cfg.grpo.dynamic_sample:
                 metrics[part.name]["dynamic_sample/resampled_groups"] = float(resampled)
-        self.last_rollout = (inputs.prompts, generation.images, self.notes(totals, per_reward))
+        captions = self.family.rollout_captions(generation) or inputs.prompts
+        self.last_rollout = (captions, generation.images, self.notes(totals, per_reward))
         return Rollout(list(batch["index"]), group, generation.records, advantages, valid, metrics)
 
     def score(self, batch: dict[str, Any], generation: Any, group: int
@@ -253,10 +263,17 @@ class GRPOTrainer(BaseTrainer):
                          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Group-normalised advantages of one part's total, its valid mask and its reward metrics.
         Group = one prompt of this rank's batch: all G members were sampled here."""
-        grpo = self.cfg.grpo
-        group_ids = torch.arange(len(batch["index"])).repeat_interleave(grpo.num_generations)
-        advantages, valid, adv_stats = compute_advantages(totals[name].float(), group_ids, grpo.scale_rewards,
-                                                          grpo.adv_clip_max)
+        grpo, acc = self.cfg.grpo, self.accelerator
+        rewards = totals[name].float()
+        count, ranks = len(rewards), acc.num_processes
+        if grpo.scale_rewards == "batch" and ranks > 1:
+            # One std over the whole global batch: every rank's rewards (rank order), groups kept apart.
+            rewards = acc.gather(rewards.to(self.device)).cpu()
+        group_ids = torch.arange(len(rewards) // grpo.num_generations).repeat_interleave(grpo.num_generations)
+        advantages, valid, adv_stats = compute_advantages(rewards, group_ids, grpo.scale_rewards, grpo.adv_clip_max)
+        if len(rewards) != count:  # this rank's members
+            start = acc.process_index * count
+            advantages, valid = advantages[start:start + count], valid[start:start + count]
         metrics = {**self.reward_stats(totals, per_reward, name),
                    **{key: float(value) for key, value in adv_stats.items() if key.endswith("_fraction")},
                    "advantage_abs_mean": float(advantages.abs().mean())}
@@ -321,6 +338,7 @@ class GRPOTrainer(BaseTrainer):
     def save_extra_state(self, folder: Path) -> None:
         """Every rank's rollout buffer, inside the tmp folder (a kill can never leave a `latest`
         without it)."""
+        super().save_extra_state(folder)  # EMA and evaluation state
         if self.position()[0] != 0 and self.buffer:  # the next steps still train on this buffer
             from glm_training.utils import checkpoint as ckpt
 
@@ -332,6 +350,7 @@ class GRPOTrainer(BaseTrainer):
                                metadata={"rollouts": json.dumps(meta)})
 
     def load_extra_state(self, folder: Path) -> None:
+        super().load_extra_state(folder)
         file = folder / BUFFER_FILE.format(rank=self.accelerator.process_index)
         if not file.is_file():
             return
@@ -340,46 +359,100 @@ class GRPOTrainer(BaseTrainer):
         with safe_open(str(file), framework="pt") as handle:
             meta = json.loads(handle.metadata()["rollouts"])
             for micro, info in meta.items():
-                self.buffer[int(micro)] = Rollout.from_tensors(handle, micro, info, self.parts, self.device)
+                self.buffer[int(micro)] = Rollout.from_tensors(handle, micro, info, self.buffer_parts(), self.device)
+
+    def buffer_parts(self) -> list:
+        """What reads each part's stored record back (`.name`, `.record_class`): the parts themselves."""
+        return self.parts
 
     # -- evaluation ------------------------------------------------------------------------------
 
     def eval_records(self) -> list[Record]:
-        """`logging.sample_prompts` (+ `sample_control_images`), else the first training prompts."""
+        """The eval split (data.eval_path / data.eval_fraction / eval_* files), else
+        `logging.sample_prompts` (+ `sample_control_images`), else the first training prompts."""
+        from glm_training.evaluation import validation
+
+        held_out = validation.evaluator_of(self).records
+        if held_out:
+            return held_out
         log = self.cfg.logging
         if log.sample_prompts:
             controls = log.sample_control_images or [None] * len(log.sample_prompts)
             return [Record(p, controls=[Path(c)] if c else []) for p, c in zip(log.sample_prompts, controls)]
         return self.records[:EVAL_PROMPTS_FALLBACK]
 
-    @contextlib.contextmanager
-    def _unwrapped_modules(self) -> Iterator[None]:
-        """Eval runs on the main process only: bypass DDP wrappers (their forward may communicate)."""
-        saved = {name: self.family.modules[name] for name in self.family.trained}
-        self.family.modules.update({name: self.family.unwrapped(name) for name in saved})
-        try:
-            yield
-        finally:
-            self.family.modules.update(saved)
-
     @torch.no_grad()
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Deterministic samples of the eval prompts, scored; returns (and logs) `eval/reward/*`."""
+    def _evaluation(self, step: int) -> dict[str, float]:
+        """Deterministic samples of the eval prompts with the evaluation weights (EMA when on),
+        scored by the trained rewards and `eval.rewards`, `eval.metrics` against targets, the
+        guardrails; the grid saved once. Computed once per (step, weights)."""
+        from glm_training.evaluation import validation
+        from glm_training.evaluation.guardrails import guard_scalars
+
+        key = (step, self.global_step)
+        memo = getattr(self, "_eval_memo", None)
+        if memo is not None and memo["key"] == key:
+            return memo["metrics"]
+        evaluator = validation.evaluator_of(self)
         records = self.eval_records()
         batch = collate([self.family.dataset(records, "prompts")[i] for i in range(len(records))])
-        with self._unwrapped_modules():
+        collapse = self.cfg.eval.collapse_std > 0
+        with validation.evaluation_mode(self, records):
             generation = self.family.eval_images(batch, records, self.cfg.logging.sample_seed,
                                                  self.cfg.grpo.eval_steps, self.guidance)
+            group = self.family.rollout(batch, self.cfg.grpo.num_generations, self.cfg.logging.sample_seed,
+                                        0) if collapse else None
         _, totals, per_reward = self.score(batch, generation, 1)
         several = len(self.parts) > 1
-        metrics = {}
+        metrics: dict[str, float] = {}
         for name in totals:
             stats = self.reward_stats(totals, per_reward, name)
             metrics.update({f"eval/{name}/{k}" if several else f"eval/{k}": v for k, v in stats.items()})
-        self.trackers.log(metrics, step)
-        images = generation.images
-        self.save_samples(_pil(images), list(batch["prompt"]), step, notes=self.notes(totals, per_reward))
+        extra, independent = validation.score_images(evaluator, generation.images, batch,
+                                                     validation.target_images(self, records, batch))
+        metrics.update(extra)
+        notes = self.notes(totals, per_reward)
+        notes = [" ".join([line] + [f"{n}*={float(v[i]):.3f}" for n, v in independent.items()])
+                 for i, line in enumerate(notes)]  # `*`: not trained on
+        group_std = None
+        if group is not None:
+            _, group_totals, _ = self.score(batch, group, self.cfg.grpo.num_generations)
+            group_std = {name: float(total.view(-1, self.cfg.grpo.num_generations).std(dim=1, unbiased=False).mean())
+                         for name, total in group_totals.items()}
+            metrics.update({f"eval/{n}/group_reward_std" if several else "eval/group_reward_std": v
+                            for n, v in group_std.items()})
+        if evaluator.rewards is not None or collapse:
+            trained = {name: metrics[f"eval/{name}/reward/total_mean" if several else "eval/reward/total_mean"]
+                       for name in totals}
+            means = {name: metrics[f"eval/independent/{name}"] for name in independent}
+            warnings = evaluator.guard.check(step, trained, means, group_std)
+            metrics.update(guard_scalars(warnings))
+            for warning in warnings:
+                logger.warning("GRPO guardrail: %s", warning.message)
+            tags = " ".join(w.tag for w in warnings)
+            notes = [f"{note} {tags}" if tags else note for note in notes]
+        self.save_samples(_pil(generation.images), list(batch["prompt"]), step, notes=notes)
+        self._eval_memo = {"key": key, "metrics": metrics, "logged": False}
         return metrics
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Deterministic samples of the eval prompts, scored; returns (and logs once) `eval/reward/*`."""
+        metrics = self._evaluation(step)
+        self.log_eval(metrics, step)
+        return metrics
+
+    def eval_metrics(self, step: int) -> dict[str, float]:
+        """For the evaluator (eval.steps, best_metric, patience), which logs them with `log_eval`."""
+        return self._evaluation(step)
+
+    def log_eval(self, values: dict[str, float], step: int) -> None:
+        """Once per step: the sample grid and the evaluator may both ask for this step's evaluation."""
+        if not self._eval_memo["logged"]:
+            self.trackers.log(values, step)
+            self._eval_memo["logged"] = True
+
+    def has_evaluation(self, evaluator: Any) -> bool:
+        return True  # the eval prompts are always there (training prompts at worst)
 
     def sample_images(self, step: int) -> None:
         metrics = self.evaluate(step)

@@ -34,6 +34,12 @@ class SFTTrainer(BaseTrainer):
         metrics["loss"] = loss.item()
         return loss, metrics
 
+    def validation_losses(self, records: list) -> dict[str, float]:
+        """`eval/loss` (and per part / timestep bucket) on the eval split at fixed draws (eval.draws)."""
+        from glm_training.evaluation.validation import sft_validation
+
+        return sft_validation(self, records, self.cfg.eval.draws)
+
 
 def build_diffusion_data(cfg, family) -> tuple[torch.utils.data.Dataset, Any]:
     """The SFT dataset of a one-denoiser family and the encoder of its batches (cache filling)."""

@@ -2,8 +2,9 @@
 
 - Run folders are `output_dir/<project>/v0, v1, ...`; a new run takes the next free number
   (created with mkdir, which fails rather than reuse a folder).
-- Every file of a checkpoint (trainable tensors, optimizer, scheduler, each rank's RNG, the
-  user-facing LoRA files, trainer extras such as GRPO's rollout buffer) is written and fsynced
+- Every file of a checkpoint (each rank's RNG, `Accelerator.save_state`'s files: optimizer,
+  schedule, FSDP / DeepSpeed shards, and through its hook the trainable tensors and the
+  user-facing LoRA files; trainer extras such as GRPO's rollout buffer) is written and fsynced
   inside `checkpoint-<step>.tmp-<pid>`; `trainer_state.json` comes last, then one rename makes it
   `checkpoint-<step>`. `latest` only ever considers complete folders, so a killed save is never
   resumed from. With several processes every rank writes its own files into the same tmp
@@ -300,6 +301,32 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     return commit_checkpoint(tmp, step, trainer_state, total_limit)
 
 
+def all_ranks_see(folder: Path) -> bool:
+    """Every rank (all processes, all nodes): whether every rank sees `folder`, which rank 0 has
+    just created: False when nodes have their own disks. One process: True."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return True
+    torch.distributed.barrier()  # rank 0's mkdir is done
+    seen = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, Path(folder).is_dir())
+    return all(seen)
+
+
+def is_accelerate_state(path: Path) -> bool:
+    """Whether a checkpoint holds `Accelerator.save_state` files (else: the older layout with
+    optimizer.pt and scheduler.json)."""
+    return not (Path(path) / "optimizer.pt").is_file()
+
+
+def load_trainable(path: Path) -> dict[str, torch.Tensor]:
+    file = Path(path) / "trainable.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"training.resume_from_checkpoint: {path} has no trainable.safetensors; it is not "
+                                "a checkpoint of this trainer (or was written under FSDP / DeepSpeed: resume "
+                                "with that launch config).")
+    return load_file(str(file))
+
+
 def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"training.resume_from_checkpoint: {path} is not a complete checkpoint "
@@ -307,10 +334,12 @@ def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
     rng_file = path / f"rng_state_{rank}.safetensors"
     if not rng_file.exists():  # resuming on more processes than saved: reuse rank 0's state
         rng_file = path / "rng_state_0.safetensors"
-    return {
-        "trainable": load_file(str(path / "trainable.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True),
-        "scheduler": json.loads((path / "scheduler.json").read_text()),
+    state = {
+        "trainable": load_trainable(path),
         "trainer_state": json.loads((path / STATE_FILE).read_text()),
         "rng": (load_file(str(rng_file)), json.loads(rng_file.with_suffix(".json").read_text())),
     }
+    if not is_accelerate_state(path):  # optimizer and schedule of the older layout (else: accelerate's files)
+        state["optimizer"] = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        state["scheduler"] = json.loads((path / "scheduler.json").read_text())
+    return state

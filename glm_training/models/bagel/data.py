@@ -38,40 +38,9 @@ class BagelDataError(ValueError):
     """A data file problem; the message names file, line and field."""
 
 
-def _iter_json_array(text: str, path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, element) of a top-level JSON array, keeping each element's line."""
-    decoder = json.JSONDecoder()
-    index = _skip_space(text, 0)
-    if index >= len(text) or text[index] != "[":
-        raise BagelDataError(f"{path}:1: a .json data file must hold a list of records.")
-    index = _skip_space(text, index + 1)
-    if index < len(text) and text[index] == "]":
-        return
-    while True:
-        line = text.count("\n", 0, index) + 1
-        try:
-            element, index = decoder.raw_decode(text, index)
-        except json.JSONDecodeError as error:
-            raise BagelDataError(f"{path}:{error.lineno}: invalid JSON ({error.msg}).") from None
-        yield line, element
-        index = _skip_space(text, index)
-        if index < len(text) and text[index] == ",":
-            index = _skip_space(text, index + 1)
-            continue
-        if index < len(text) and text[index] == "]":
-            return
-        raise BagelDataError(f"{path}:{text.count(chr(10), 0, index) + 1}: expected ',' or ']' between records.")
-
-
-def _skip_space(text: str, index: int) -> int:
-    while index < len(text) and text[index] in " \t\r\n":
-        index += 1
-    return index
-
-
 def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line, record) of a .jsonl (one object per line) or .json (list of objects) file."""
-    from glm_training.data.readers import DataError, read_text
+    from glm_training.data.readers import DataError, iter_json_array, read_text
 
     path = Path(path)
     try:
@@ -90,7 +59,10 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 raise BagelDataError(f"{path}:{number}: invalid JSON ({error.msg}).") from None
             yield number, record
     elif path.suffix == ".json":
-        yield from _iter_json_array(text, path)
+        try:
+            yield from iter_json_array(text, path)
+        except DataError as error:
+            raise BagelDataError(str(error)) from None
     else:
         raise BagelDataError(f"{path}: data files must be .json or .jsonl.")
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from glm_training.config import ConfigError, option_field
-from glm_training.models.base import ModelFamily
+from glm_training.models.base import ModelFamily, quantize_linears
 from glm_training.parts import Denoiser
 from glm_training.parts.denoiser import preference_from_errors
 from glm_training.models.bagel.data import record_plan
@@ -55,9 +55,11 @@ class BagelFamily(ModelFamily):
     # The experts are parameter subsets of one network: every group trains the module "bagel".
     component_groups = {"und": ("bagel",), "gen": ("bagel",), "both": ("bagel",)}
     default_component = "both"
+    quantizable = ("bagel",)
     default_lora_targets: dict[str, list[str]] = {}
     modes = ("t2i", "i2i")
     max_control_images = 1  # BAGEL edits one source image per prompt
+    methods = ("sft", "dpo", "grpo", "nft")  # nft: DiffusionNFT on the generation side (BagelPart)
     options = BagelOptions
     renamed_keys = {"training.text_loss_weight": "bagel.text_loss_weight",
                     "training.image_loss_weight": "bagel.image_loss_weight"}
@@ -75,13 +77,17 @@ class BagelFamily(ModelFamily):
     }
 
     def load(self) -> None:
-        if self.cfg.training.method == "grpo" and self.component_group != "gen":
+        method = self.cfg.training.method
+        if method in ("grpo", "nft") and self.component_group != "gen":
             raise ConfigError(
-                f"training.method: grpo with model.family: bagel trains the generation expert only; set "
+                f"training.method: {method} with model.family: bagel trains the generation expert only; set "
                 f"model.component: gen (got {self.component_group!r}). The rollout contexts (prompt and source "
                 "image) are prefilled once without gradients, which is exact only when the understanding "
                 "expert is not trained.")
         self.model = load_bagel(self.model_path, dtype=self.weight_dtype, device=self.device)
+        if self.quantize_plan(self.cfg).get("bagel"):  # its own checkpoint format: torchao on the loaded Linears
+            quantize_linears(self.model, self.quantize_plan(self.cfg)["bagel"], "model.quantize.bagel",
+                             skip=("vae.",))
         self.tokenizer, self.special = load_bagel_tokenizer(self.model_path)
         self.modules = {"bagel": self.model}
         self.objective = flow_sampling_objective()
@@ -180,7 +186,7 @@ class BagelFamily(ModelFamily):
     #
     # Latents are BAGEL's latent tokens, (N, patch_latent_dim) per image, at time t = sigma in
     # [1 -> 0] with x_t = (1 - t) clean + t noise and velocity v = noise - clean: the convention of
-    # the flow families, so `trainers.sampler.DiffusionSampler` (Euler ODE / Flow-GRPO SDE) runs on
+    # the flow families, so `parts.sampler.DiffusionSampler` (Euler ODE / Flow-GRPO SDE) runs on
     # it unchanged. `objective` carries the official sampling shift, so its schedule with S steps is
     # `BagelSampler.timesteps(S + 1, SAMPLING_TIMESTEP_SHIFT)`. A condition holds one prefilled
     # context set per prompt (the three guidance contexts) and the guidance settings; `predict`
@@ -311,6 +317,7 @@ class BagelPart(Denoiser):
 
     sft_needs = frozenset({"conversation"})
     caption_dropout = 0.0  # BAGEL's packing drops prompts itself (data.caption_dropout)
+    rollout_bypasses_wrapper = True  # BagelSampler runs the unwrapped model's own methods
 
     def prepare(self, records: list, caption_dropout: float | None = None, use_cache: bool = True) -> None:
         self.records = records  # no encoder: the packing encodes each step

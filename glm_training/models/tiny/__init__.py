@@ -23,10 +23,13 @@ TINY_BUILDERS = {
     "glm_image": "glm_training.models.tiny.glm_image:build_tiny_glm_image",
     "clip": "glm_training.models.tiny.clip:build_tiny_clip",
     "bagel": "glm_training.models.bagel.tiny:build_tiny_bagel",
+    "prompt_policy_lm": "glm_training.models.tiny.prompt_policy:build_tiny_policy_lm",
+    "prompt_policy_vl": "glm_training.models.tiny.prompt_policy:build_tiny_policy_vl",
+    "sd3": "glm_training.models.tiny.prompt_policy:build_tiny_sd3",
 }
 
 # Bump when a builder changes, so cached tiny models are rebuilt.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
 
 def build_tiny(name: str, out_dir: str | Path, seed: int = 0) -> Path:
