@@ -219,24 +219,30 @@ def test_pretrained_weight_restarts_at_the_same_change(pipeline_run):
     assert_same_change(applied_change(modules), trained_change(family))
 
 
-def test_pretrained_weight_with_another_alpha_is_refused(pipeline_run):
-    raw, _, final = pipeline_run
-    if raw["model"]["family"] != "sdxl":
-        pytest.skip("one family covers the shared diffusers-file loader")
+@pytest.fixture(scope="module")
+def sdxl_run(tmp_path_factory, shapes_data):
+    """SDXL with text-encoder LoRA: the checks of the shared diffusers-file loader and of the
+    text-encoder key names need only this family."""
+    tmp = tmp_path_factory.mktemp("sdxl_only")
+    raw = config(tmp, shapes_data, "sdxl", PIPELINE_FAMILIES["sdxl"], save_format="both")
+    family, final = trained(tmp, raw)
+    return raw, family, final
+
+
+def test_pretrained_weight_with_another_alpha_is_refused(sdxl_run):
+    raw, _, final = sdxl_run
     other = build_family(config_from_dict({**raw, "lora": {**raw["lora"], "alpha": 8.0,
                                                              "pretrained_weight": str(final)}}))
     with pytest.raises(ConfigError, match=r"lora_alpha 1, .* set lora.alpha .*to 1"):
         other.setup_training()
 
 
-def test_pretrained_weight_reads_files_written_without_the_text_model_level(pipeline_run, tmp_path):
+def test_pretrained_weight_reads_files_written_without_the_text_model_level(sdxl_run, tmp_path):
     """Files from before the canonical names (`text_encoder.encoder.layers...`) still load."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    raw, family, final = pipeline_run
-    if raw["model"]["family"] != "sdxl":
-        pytest.skip("text-encoder LoRA: SDXL only")
+    raw, family, final = sdxl_run
     source = final / "pytorch_lora_weights.safetensors"
     with safe_open(str(source), "pt") as handle:
         metadata = handle.metadata()

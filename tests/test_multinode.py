@@ -1,7 +1,8 @@
 """`torchrun --nnodes=2 --nproc_per_node=1` on localhost: two "nodes" on one machine. With one
 working folder for both (a shared disk) checkpoints are written once; with a folder per node
 (`logging.output_dir` is relative, each node runs in its own folder: disks that are not shared)
-each node holds complete checkpoints. Both equal the 2-process single-node run."""
+each node holds complete checkpoints. Both equal the 2-process single-node run, and so does a
+run resumed with `latest` on the separate disks."""
 
 from __future__ import annotations
 
@@ -83,6 +84,38 @@ def test_two_nodes_shared_and_separate_disks_match_one_node(tmp_path, shapes_dat
         assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-2", "checkpoint-3"], disk
         assert (run / "checkpoint-2" / f"rng_state_{rank}.json").is_file()  # this node's rank
         same(run / "final" / LORA, reference)
-    # Resuming on disks that are not shared is not covered here yet: after `latest` each node
-    # resumes from its own copy, but the ranks then disagree on a barrier at the final save
-    # (seen here; open in the distributed issue).
+
+    # Resume on the separate disks. The run folder's relative path exists on both nodes (each its
+    # own copy): still not a shared disk, so each node writes its checkpoints again. Node 0 lost
+    # checkpoint-3 (as if killed between the nodes' renames), node 1 kept it: `latest` is the
+    # newest checkpoint every node holds (checkpoint-2), the same step on both.
+    for disk in disks:
+        ckpt.remove_tree(disk / "output" / "test" / "v0" / "final")
+    ckpt.remove_tree(disks[0] / "output" / "test" / "v0" / "checkpoint-3")
+    raw["training"]["resume_from_checkpoint"] = "latest"
+    config.write_text(yaml.safe_dump(raw))
+    run_nodes(config, disks)
+    for rank, disk in enumerate(disks):
+        run = disk / "output" / "test" / "v0"
+        assert (run / "config-resume-checkpoint-2.yaml").is_file(), disk  # both resumed from step 2
+        assert [p.name for p in ckpt.list_checkpoints(run)] == ["checkpoint-2", "checkpoint-3"], disk
+        assert (run / "checkpoint-3" / f"rng_state_{rank}.json").is_file()
+        assert not list(run.glob(".disk-probe-*")) and not list(run.glob(f"*{ckpt.TMP_MARK}*"))
+        same(run / "final" / LORA, reference)
+
+    # A checkpoint that only some nodes hold: every rank refuses at start (none waits forever).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refusals = {"latest": ["the nodes hold no checkpoint in common", "rank 0: none; rank 1: v0/checkpoint-3"],
+                "output/test/v0/checkpoint-2": ["is not a complete checkpoint on rank(s) [0]"]}
+    for value, expected in refusals.items():
+        port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
+        nodes = [subprocess.Popen(command(config, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
+                                          "--master_addr=127.0.0.1", f"--master_port={port}")
+                                  + ["--set", f"training.resume_from_checkpoint={value}"],
+                                  cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for rank, folder in enumerate([empty, disks[1]])]
+        for node in nodes:
+            err = node.communicate(timeout=600)[1]
+            assert node.returncode != 0 and all(text in err for text in expected), err[-2500:]
+        assert not (empty / "output" / "test").exists()  # nothing created for a refused start

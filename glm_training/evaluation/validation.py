@@ -382,7 +382,7 @@ class Evaluator:
         self.guard = RewardGuard(ev.hacking_threshold, ev.collapse_std)
         self.last_step: int | None = None  # step of the last evaluation
         self.last_values: dict[str, float] = {}
-        if trainer.is_main:
+        if trainer.writes_files:  # each node's writer where nodes do not share the disk
             recover_best(trainer.run_dir)
 
     @property
@@ -413,9 +413,9 @@ class Evaluator:
             trainer.log_eval(values, step)
             shown = ", ".join(f"{k[len('eval/'):]} {v:.5g}" for k, v in sorted(values.items())[:8])
             logger.info("Step %d eval: %s", step, shown)
-            if improved:
-                path = publish_best(trainer, step, self.best.metric, self.best.best, values)
-                logger.info("New best %s %.6g at step %d: %s", self.best.metric, self.best.best, step, path)
+        if improved and trainer.writes_files:
+            path = publish_best(trainer, step, self.best.metric, self.best.best, values)
+            logger.info("New best %s %.6g at step %d: %s", self.best.metric, self.best.best, step, path)
         trainer.accelerator.wait_for_everyone()
         if self.best.exhausted:
             if trainer.is_main:
@@ -457,9 +457,9 @@ def _broadcast(values: dict[str, float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------
 
 def save_state(trainer: Any, folder: Path) -> None:
-    """Main process: `ema.safetensors` (when training.ema is on) and `eval_state.json` into the
-    checkpoint's tmp folder (every rank holds the same values)."""
-    if not trainer.is_main:
+    """The checkpoint's writer(s): `ema.safetensors` (when training.ema is on) and `eval_state.json`
+    into the checkpoint's tmp folder (every rank holds the same values)."""
+    if not trainer.writes_files:
         return
     from glm_training.utils import checkpoint as ckpt
     from glm_training.utils.ema import EMA_FILE

@@ -268,9 +268,7 @@ class ModelFamily(ABC):
                 f"model.component: {group!r} is not valid for family {self.name}; "
                 f"choose one of {sorted(self.component_groups)}.")
         self.component_group = group
-        if cfg.model.max_sequence_length is not None:
-            if not hasattr(self, "max_sequence_length"):
-                raise ConfigError(f"model.max_sequence_length: {self.name} has no text length to set; remove it.")
+        if cfg.model.max_sequence_length is not None:  # check_config refused it for families without one
             self.max_sequence_length = cfg.model.max_sequence_length
         self.trained: list[str] = list(self.component_groups[group])
         # Filled by load(): the nn.Modules by name. Trainers may replace trained entries with
@@ -844,15 +842,10 @@ class DiffusionFamily(ModelFamily):
     prompt_uses_images: ClassVar[bool] = False
     #: Image sides must be multiples of this (VAE factor x patch size); buckets round to it.
     resolution_multiple: ClassVar[int] = 8
-    #: Whether `model.train_text_encoder` is supported (SDXL); the others keep their encoders frozen.
-    text_encoder_trainable: ClassVar[bool] = False
     methods: ClassVar[tuple[str, ...]] = ("sft", "dpo", "grpo", "nft")  # nft: DiffusionNFT on the denoiser
 
     def __init__(self, cfg: Config, device: torch.device, weight_dtype: torch.dtype):
         super().__init__(cfg, device, weight_dtype)
-        if cfg.model.train_text_encoder and not self.text_encoder_trainable:
-            raise ConfigError(f"model.train_text_encoder: not supported for {self.name} (its text encoder stays "
-                              "frozen); set it to false.")
         if cfg.data.resolution % self.resolution_multiple:
             raise ConfigError(f"data.resolution: {cfg.data.resolution} must be a multiple of "
                               f"{self.resolution_multiple} for {self.name} (VAE downsampling x patch size).")

@@ -128,6 +128,7 @@ class BaseTrainer(ABC):
         self.epoch = 0
         self.batch_in_epoch = 0
         self._stop_requested = False
+        self.saved_step: int | None = None  # the step of this run's newest checkpoint
         self.resume_path = self._resolve_resume()
         self.run_dir = self._prepare_run_dir(run_dir)
         self.family: ModelFamily | None = None
@@ -229,14 +230,31 @@ class BaseTrainer(ABC):
         value = self.cfg.training.resume_from_checkpoint
         if not value:
             return None
+        # Every rank decides the same way (a collective each): nodes with their own disks each
+        # read their own copy, and a rank resuming at another step would hang the others.
         if value == "latest":
-            found = ckpt.find_latest_checkpoint(self.cfg.logging.output_dir, self.cfg.logging.project)
+            found, held = ckpt.latest_on_every_rank(self.cfg.logging.output_dir, self.cfg.logging.project)
+            if found is None and any(held):
+                where = "; ".join(f"rank {rank}: {names[-1] if names else 'none'}" for rank, names in enumerate(held))
+                raise ConfigError(f"training.resume_from_checkpoint: latest: the nodes hold no checkpoint in common "
+                                  f"under {self.cfg.logging.output_dir}/{self.cfg.logging.project} ({where}); copy "
+                                  "one node's checkpoint-<step> folder to the others, or start a new run.")
             if found is None:
                 logger.warning("training.resume_from_checkpoint: latest: no checkpoint under %s/%s; "
                                "starting a new run.", self.cfg.logging.output_dir, self.cfg.logging.project)
             return found
         path = Path(value)
-        if not (path / ckpt.STATE_FILE).is_file():
+        complete = (path / ckpt.STATE_FILE).is_file()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, complete)
+            missing = [rank for rank, seen in enumerate(every) if not seen]
+            if missing and len(missing) < len(every):
+                raise ConfigError(f"training.resume_from_checkpoint: {path} is not a complete checkpoint on rank(s) "
+                                  f"{missing} (their node's disk); copy it there, or put it on a disk every node "
+                                  "shares.")
+            complete = not missing
+        if not complete:
             raise ConfigError(f"training.resume_from_checkpoint: {path} is not a complete checkpoint "
                               "folder (checkpoint-<step> with trainer_state.json); use 'latest'.")
         return path
@@ -447,6 +465,7 @@ class BaseTrainer(ABC):
         self.batch_in_epoch = trainer_state["batch_in_epoch"]
         self.load_extra_state(path)
         self.run_start.step = self.global_step
+        self.saved_step = self.global_step  # the checkpoint resumed from holds this step
         if self.is_main:
             logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, self.global_step,
                         self.epoch, self.batch_in_epoch)
@@ -493,6 +512,7 @@ class BaseTrainer(ABC):
                                           self.cfg.training.checkpoints_total_limit)
             logger.info("Saved %s", path)
         acc.wait_for_everyone()
+        self.saved_step = self.global_step
         return path
 
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -574,8 +594,8 @@ class BaseTrainer(ABC):
                     break
             if not stopped_by_signal and evaluator.active and evaluator.last_step != self.global_step:
                 evaluator.run(self.global_step)  # the final weights are always evaluated
-            last = ckpt.list_checkpoints(self.run_dir)
-            if not last or last[-1].name != f"checkpoint-{self.global_step}":
+            # Known alike on every rank (not read from each node's own folder, which may differ).
+            if self.saved_step != self.global_step:
                 self.save_checkpoint()
             if not stopped_by_signal:
                 sample_steps = self.cfg.logging.sample_steps

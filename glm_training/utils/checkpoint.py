@@ -302,14 +302,55 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
 
 
 def all_ranks_see(folder: Path) -> bool:
-    """Every rank (all processes, all nodes): whether every rank sees `folder`, which rank 0 has
-    just created: False when nodes have their own disks. One process: True."""
+    """Every rank (all processes, all nodes): whether every rank sees rank 0's `folder` (which
+    rank 0 has created): False when nodes have their own disks. One process: True.
+
+    Tested with a marker file of a fresh name that rank 0 writes into it, not with the folder
+    itself: on disks that are not shared a relative path (a resumed run's `output/<project>/v0`)
+    exists on every node, each node holding its own copy."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return True
-    torch.distributed.barrier()  # rank 0's mkdir is done
+    name = [f".disk-probe-{os.getpid()}-{os.urandom(8).hex()}" if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(name, src=0)
+    marker = Path(folder) / name[0]
+    if torch.distributed.get_rank() == 0:
+        write_bytes(marker, b"")
+    torch.distributed.barrier()  # rank 0's marker is written
     seen = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(seen, Path(folder).is_dir())
+    torch.distributed.all_gather_object(seen, marker.is_file())
+    if torch.distributed.get_rank() == 0:  # every rank has looked (the gather returned on all)
+        marker.unlink(missing_ok=True)
     return all(seen)
+
+
+def checkpoint_names(output_dir: str | Path, project: str) -> list[str]:
+    """Every complete checkpoint under `output_dir/project`, as `v<run>/checkpoint-<step>`,
+    oldest first (older runs first, then by step)."""
+    base = Path(output_dir) / project
+    if not base.is_dir():
+        return []
+    runs = sorted((p for p in base.iterdir() if re.fullmatch(r"v\d+", p.name)), key=lambda p: int(p.name[1:]))
+    return [f"{run.name}/{path.name}" for run in runs for path in list_checkpoints(run)]
+
+
+def latest_on_every_rank(output_dir: str | Path, project: str) -> tuple[Path | None, list[list[str]]]:
+    """`training.resume_from_checkpoint: latest` with several processes: the newest complete
+    checkpoint that every rank holds (nodes with their own disks can differ: a node killed
+    between the nodes' renames lacks the newest), the same on all ranks, so that all resume at
+    one step. -> (that checkpoint or None, each rank's checkpoints for the error message).
+    One process: `find_latest_checkpoint`."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        found = find_latest_checkpoint(output_dir, project)
+        return found, [checkpoint_names(output_dir, project)]
+    mine = checkpoint_names(output_dir, project)
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, mine)
+    common = [name for name in mine if all(name in other for other in every)]
+    if not common:
+        return None, every
+    # Newest run first, then its newest step: what find_latest_checkpoint picks on one disk.
+    run, step = max((int(n.split("/")[0][1:]), int(n.rsplit("-", 1)[1])) for n in common)
+    return Path(output_dir) / project / f"v{run}" / f"checkpoint-{step}", every
 
 
 def is_accelerate_state(path: Path) -> bool:
