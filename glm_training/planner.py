@@ -453,14 +453,15 @@ def parse_quantize(values: list[str] | None) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _config_quantize(cfg: Config) -> dict[str, str]:
-    """`model.quantize` when the config schema has it: a string (the denoiser) or {part: kind}."""
-    value = getattr(cfg.model, "quantize", None)
-    if value in (None, "", "none"):
-        return {}
-    if isinstance(value, str):
-        return {"*denoiser": value}
-    return {str(k): str(v) for k, v in dict(value).items()}
+def _config_quantize(cfg: Config, specs: tuple) -> dict[str, str]:
+    """`model.quantize` exactly as the loader reads it (`ModelFamily.quantize_plan`: a string means
+    every quantizable component, names may be pipeline folders or the family's aliases), keyed by
+    the planner's part names."""
+    from glm_training.models.base import family_class
+
+    plan = family_class(cfg.model.family).quantize_plan(cfg)
+    by_folder = {spec.subfolder: spec.name for spec in specs}
+    return {by_folder.get(folder, folder): kind for folder, kind in plan.items()}
 
 
 def _linear_weights(module: nn.Module) -> tuple[int, int]:
@@ -578,7 +579,6 @@ def _plan(cfg: Config, what_if: WhatIf, budget_gb: float | None) -> MemoryPlan:
         batch = max(batch, cfg.grpo.num_generations)
     resolution = what_if.resolution or cfg.data.resolution
     trained = _trained_parts(cfg)
-    quantize = {**_config_quantize(cfg), **dict(what_if.quantize)}
     plan = MemoryPlan(family, source, resolution, batch, checkpointing, budget_gb=budget_gb)
     if cfg.optimizer.class_path:
         plan.notes.append(f"optimizer.class_path {cfg.optimizer.class_path}: counted as AdamW (8 bytes/param).")
@@ -586,6 +586,8 @@ def _plan(cfg: Config, what_if: WhatIf, budget_gb: float | None) -> MemoryPlan:
         plan.notes.append("dpo: winner and loser run together (batch counted x2); the reference pass runs "
                           "without grad (adapter disabled).")
     specs = FAMILY_PARTS[family]
+    by_folder = {spec.subfolder: spec.name for spec in specs}  # `--quantize` may name pipeline folders too
+    quantize = {**_config_quantize(cfg, specs), **{by_folder.get(k, k): v for k, v in what_if.quantize}}
     denoiser = next((s.name for s in specs if s.kind in ("denoiser", "unified")), None)
     known = {s.name for s in specs}
     for key in quantize:

@@ -168,3 +168,21 @@ def test_tiny_estimate_within_25_percent_of_measured_step():
     row = json.loads(out.stdout.strip().splitlines()[-1])[0]
     assert row["measured_bytes"] > 64 * 2**20  # large enough that the comparison means something
     assert 0.75 <= row["ratio"] <= 1.25, row["plan"]
+
+
+def test_model_quantize_is_read_as_the_loader_reads_it():
+    """A string quantizes every quantizable component, and pipeline-folder names (GLM-Image's
+    `transformer`, `vision_language_encoder`) select the planner's parts, as `quantize_plan` does."""
+    base = "zai-org/GLM-Image"
+    plain = planner.plan_memory(real_config("glm_image", base))
+    folders = real_config("glm_image", base)
+    folders.model.quantize = {"transformer": "int8", "vision_language_encoder": "int8"}
+    by_folder = planner.plan_memory(folders)
+    every = real_config("glm_image", base)
+    every.model.quantize = "int8"
+    everything = planner.plan_memory(every)
+    assert by_folder.total_bytes < plain.total_bytes
+    assert everything.total_bytes < by_folder.total_bytes  # the text encoder too, as the loader does
+    cli_folder = planner.plan_memory(real_config("glm_image", base),
+                                     planner.WhatIf(quantize=(("transformer", "int8"), ("vision_language_encoder", "int8"))))
+    assert cli_folder.total_bytes == by_folder.total_bytes
