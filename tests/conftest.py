@@ -118,3 +118,24 @@ def load_lora_messages(pipe, path: Path) -> list[str]:
 
 def unmatched_key_messages(messages: list[str]) -> list[str]:
     return [m for m in messages if any(s in m.lower() for s in UNMATCHED_KEY_WORDS)]
+
+
+def train_sft(raw: dict, stop_at: int | None = None):
+    """An SFT run of `raw` (-> the trainer); with `stop_at`, stopped at that step as SIGTERM does."""
+    from glm_training.config import config_from_dict
+    from glm_training.trainers.sft import SFTTrainer
+
+    trainer = SFTTrainer(config_from_dict(raw))
+    trainer.setup()
+    if stop_at is not None:
+        step = trainer.optimizer_step
+
+        def step_then_stop():
+            norm = step()
+            if trainer.global_step + 1 == stop_at:
+                trainer._stop_requested = True
+            return norm
+
+        trainer.optimizer_step = step_then_stop
+    trainer.train()
+    return trainer

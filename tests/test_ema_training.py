@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import train_sft
 from toy_family import toy_config
 
 from glm_training.config import ConfigError, config_from_dict
@@ -78,21 +79,7 @@ def test_ema_follows_the_recurrence_and_is_what_evaluation_uses(tmp_path, shapes
     assert same(raw, {k: v.detach() for k, v in validation.trainable_parameters(trainer.family).items()})
 
 
-def run(raw: dict, stop_at: int | None = None) -> SFTTrainer:
-    trainer = SFTTrainer(config_from_dict(raw))
-    trainer.setup()
-    if stop_at is not None:  # what SIGTERM does, at a chosen step
-        step = trainer.optimizer_step
-
-        def step_then_stop():
-            norm = step()
-            if trainer.global_step + 1 == stop_at:
-                trainer._stop_requested = True
-            return norm
-
-        trainer.optimizer_step = step_then_stop
-    trainer.train()
-    return trainer
+run = train_sft
 
 
 def test_ema_resume_is_exact(tmp_path, shapes):

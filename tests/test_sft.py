@@ -13,7 +13,7 @@ from glm_training.data.datasets import collate
 from glm_training.parts.denoiser import diffusion_sft_loss
 from glm_training.trainers.sft import SFTTrainer
 
-from conftest import sdxl_config
+from conftest import sdxl_config, train_sft
 
 
 def test_epsilon_objective_matches_the_formula():
@@ -84,19 +84,8 @@ def test_training_lowers_the_loss(tmp_path, shapes_data):
 
 
 def run(raw, stop_at=None):
-    trainer = SFTTrainer(config_from_dict(raw))
-    trainer.setup()
-    if stop_at is not None:  # what SIGTERM does, at a chosen step
-        step = trainer.optimizer_step
-
-        def step_then_stop():
-            norm = step()
-            if trainer.global_step + 1 == stop_at:
-                trainer._stop_requested = True
-            return norm
-
-        trainer.optimizer_step = step_then_stop
-    return trainer, trainer.train()
+    trainer = train_sft(raw, stop_at)
+    return trainer, trainer.run_dir
 
 
 def losses(run_dir):

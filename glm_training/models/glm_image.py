@@ -40,11 +40,11 @@ import torch
 
 from glm_training.algorithms.objectives import FlowMatchingObjective, FlowShift
 from glm_training.config import ConfigError
+from glm_training.data.datasets import sample_generator
 from glm_training.models import glm_image_ar as ar_lib
 from glm_training.models.base import DiffusionFamily, Generation
 from glm_training.parts import Denoiser, TokenPolicy
 from glm_training.parts.common import SALT_DECODE, SALT_ROLLOUT, member_generators, seeded_int
-from glm_training.data.datasets import sample_generator
 from glm_training.models.glm_image_support import (FixedGlmImagePipeline, image_tokens_per_image,
                                                    upsample_image_tokens)
 

@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from glm_training.config import Config, ConfigError
-from glm_training.evaluation import validation
 from glm_training.data.datasets import collate, load_records, make_batch_sampler
 from glm_training.data.images import open_image
+from glm_training.evaluation import validation
 from glm_training.models.base import ModelFamily, build_family
 from glm_training.parts import StepContext
 from glm_training.trainers.optim import build_optimizer, build_scheduler
