@@ -24,7 +24,7 @@ setup(
                     "eval": ["torch-fidelity==0.4.0"],  # Inception for FID/KID
                     "quant": ["bitsandbytes==0.50.2"],  # model.quantize nf4 (CUDA only)
                     "qlora": ["bitsandbytes==0.50.2"],  # prompt_policy.train_type: qlora (4-bit policy base, CUDA)
-                    "deepspeed": ["deepspeed==0.19.8"]},  # accelerate launch with configs/accelerate/deepspeed_zero*.yaml
+                    "deepspeed": ["deepspeed==0.19.8"]},  # distributed.deepspeed / --deepspeed / deepspeed_zero*.yaml
     py_modules=["train", "train_ar", "train_dit"],
     entry_points={"console_scripts": ["glm-train=glm_training.cli:main",
                                      "glm-predict=glm_training.predict:main"]},

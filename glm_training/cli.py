@@ -55,7 +55,7 @@ SWIFT_FLAGS: dict[str, tuple[str, str]] = {
     "--output_dir": ("DIR", "logging.output_dir"),
     "--torch_dtype": ("bfloat16|float16|float32", "training.mixed_precision (bf16|fp16|no) and model.weight_dtype"),
     "--gradient_checkpointing": ("true|false", "model.gradient_checkpointing"),
-    "--deepspeed": ("zero2|zero3", "distributed.deepspeed (when this version has it)"),
+    "--deepspeed": ("zero2|zero3", "distributed.deepspeed (ZeRO settings of configs/accelerate/deepspeed_zero*.yaml)"),
     "--use_wandb": ("true|false", "logging.report_to: [tensorboard, wandb]"),
     "--log_completions": ("true|false", "prompt_policy.log_completions"),
     "--device": ("auto|cuda|mps|cpu", "the training device (cpu hides CUDA; cuda / mps must exist)"),
@@ -115,13 +115,6 @@ def swift_overrides(args: argparse.Namespace, family: str | None) -> list[str]:
     if args.use_wandb is not None:
         put("logging.report_to", ["tensorboard", "wandb"] if args.use_wandb else ["tensorboard"])
     if args.deepspeed is not None:
-        import dataclasses
-
-        from glm_training.config import DistributedConfig
-
-        if "deepspeed" not in {f.name for f in dataclasses.fields(DistributedConfig)}:
-            raise ConfigError(f"--deepspeed {args.deepspeed}: DeepSpeed is not available in this version; train with "
-                              "DDP (torchrun / accelerate launch) instead.")
         put("distributed.deepspeed", args.deepspeed)
     return out
 
@@ -232,8 +225,15 @@ def setup_logging() -> None:
 
 
 def validate_data(cfg: Config) -> str:
-    """Read and check the data the way training will (the trainer's own record loading); -> what was found."""
-    return trainer_class(cfg.training.method).validate_data(cfg)
+    """Read and check the data the way training will (the trainer's own record loading, then the
+    eval split); -> what was found."""
+    from glm_training.evaluation.validation import load_eval_split
+    from glm_training.models.base import build_family
+
+    trainer = trainer_class(cfg.training.method)
+    found = trainer.validate_data(cfg)
+    held_out = load_eval_split(trainer, cfg, build_family(cfg, "cpu", load=False).parts())
+    return f"{found} (+{len(held_out)} eval records)" if held_out else found
 
 
 def fill_cache(cfg: Config) -> None:

@@ -258,6 +258,11 @@ class DistributedConfig:
     backend: str = _field("auto", choices=("auto", "nccl", "gloo"), doc="auto: nccl on GPU, gloo on CPU.")
     find_unused_parameters: bool = False
     timeout_minutes: int = _field(30, min=1)
+    deepspeed: str = _field("none", choices=("none", "zero2", "zero3"),
+                            doc="DeepSpeed ZeRO through accelerate under torchrun / accelerate launch (or one "
+                                "process): zero2 shards optimizer state and gradients, zero3 the parameters too; "
+                                "settings from configs/accelerate/deepspeed_zero*.yaml. Needs pip install -e "
+                                "'.[deepspeed]'.")
 
 
 @dataclass
@@ -323,8 +328,9 @@ class NFTConfig:
     decay_schedule: Any = _field("linear_to_0.5", doc="Old-policy EMA decay after each optimizer step: a preset "
                                  "(linear_to_0.5 = flat 0, rate 0.001, cap 0.5; flat75_to_0.999 = flat 75, rate "
                                  "0.0075, cap 0.999) or {flat: <steps>, rate: <per step>, cap: <max>}.")
-    timesteps_per_sample: int = _field(2, min=1, doc="Noised copies (timesteps from the family's training "
-                                       "density) trained per rollout image and optimizer step.")
+    timesteps_per_sample: int = _field(4, min=1, doc="Noised copies (timesteps from the family's training "
+                                       "density, training.weighting_scheme) trained per rollout image and "
+                                       "optimizer step; fewer make the update noisier (benchmarks/rl_compare.py).")
 
 
 @dataclass
@@ -575,6 +581,13 @@ def check_combinations(cfg: Config) -> None:
             raise ConfigError("nft.beta must be > 0 (the paper uses 1.0 or 0.1).")
 
 
+def text_answers_in_eval(cfg: Config) -> bool:
+    """Whether evaluation generates text answers (bleu / rouge): SFT of a family with `answer`."""
+    from glm_training.models.base import family_class
+
+    return cfg.training.method == "sft" and callable(getattr(family_class(cfg.model.family), "answer", None))
+
+
 def check_eval(cfg: Config) -> None:
     """The eval: section: metric names, their options, best_metric and patience."""
     from glm_training.evaluation.metrics import METRIC_NAMES, TEXT_METRICS
@@ -584,9 +597,10 @@ def check_eval(cfg: Config) -> None:
         if name not in METRIC_NAMES:
             raise ConfigError(f"eval.metrics: unknown metric {name!r}.{_did_you_mean(name, list(METRIC_NAMES))} "
                               f"Available: {', '.join(METRIC_NAMES)}.")
-        if name in TEXT_METRICS:
-            raise ConfigError(f"eval.metrics: {name} scores generated text answers, which the trainers do not "
-                              "generate during training; score them after training with glm_training.predict.")
+        if name in TEXT_METRICS and not text_answers_in_eval(cfg):
+            raise ConfigError(f"eval.metrics: {name} scores generated text answers, which only SFT of a family that "
+                              "answers text (model.family: bagel) generates during evaluation; remove it, or score "
+                              "answers after training with glm_training.predict --answer.")
     stray = sorted(set(ev.metric_options) - set(ev.metrics))
     if stray:
         raise ConfigError(f"eval.metric_options: {stray} are not in eval.metrics {ev.metrics}; add them there or "

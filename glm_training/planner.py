@@ -10,7 +10,10 @@ forward + backward of the real module runs on meta tensors (no memory, no comput
 TorchDispatchMode keeps the byte count of every live storage; attention is routed to the fused
 (flash-style) kernel that CUDA uses, which keeps log-sum-exp instead of the score matrix. The VAE
 encode is measured the same way under no_grad. Text encoders and token models (GLM-Image AR, BAGEL)
-use the standard per-layer count (Korthikanti et al. 2022, fused attention).
+use the standard per-layer count (Korthikanti et al. 2022, fused attention). Latent sizes follow the
+checkpoint's VAE config (`vae_scale_factor`). `WhatIf(device="cpu")` plans for CPU kernels instead
+(oneDNN's per-convolution reorder copy counts): that is how the tiny-model plans are checked against
+a real step's peak RSS (tests/test_planner.py, benchmarks/gpu_memory.py --tiny).
 
 Config files come from: a local checkpoint folder; `tiny:<family>` (the tiny model's folder);
 or, for hub ids and paths that are not on this machine, the copies of the published configs in
@@ -206,12 +209,20 @@ def count_parameters(module: nn.Module) -> int:
 # Activation measurement on meta tensors
 
 
+#: Convolutions whose CPU kernels (oneDNN) reorder activations into a blocked layout: for the
+#: call, a copy of the larger of their activation input and output exists besides both (measured
+#: on this machine: a 16->16 channel 3x3 conv at 512x512 peaks at input + output + one of them).
+_CONVOLUTIONS = ("aten.convolution.default", "aten.convolution_backward.default")
+
+
 class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes of every storage an op creates, while it lives; `peak` excludes parameter gradients
-    (reported on their own line) by subtracting them as they accumulate."""
+    (reported on their own line) by subtracting them as they accumulate. With `cpu_kernels`, the
+    transient reorder copy of each convolution (see _CONVOLUTIONS) counts at its call."""
 
-    def __init__(self, module: nn.Module | None = None) -> None:
+    def __init__(self, module: nn.Module | None = None, cpu_kernels: bool = False) -> None:
         super().__init__()
+        self.cpu_kernels = cpu_kernels
         self.live: dict[int, Any] = {}
         # Views of parameters and buffers (a weight's transpose) share their storage: not new memory.
         self.known = {t.untyped_storage()._cdata for t in (*module.parameters(), *module.buffers())} \
@@ -242,6 +253,12 @@ class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         for item in torch.utils._pytree.tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 self._add(item.untyped_storage())
+        if self.cpu_kernels and str(func) in _CONVOLUTIONS:
+            def activations(values: Any) -> list[int]:
+                return [t.untyped_storage().nbytes() for t in torch.utils._pytree.tree_flatten(values)[0]
+                        if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.untyped_storage()._cdata not in self.known]
+            reorder = max([0, *activations(args), *activations(out)])
+            self.peak = max(self.peak, self.current + reorder - self.grad_bytes)
         return out
 
 
@@ -270,10 +287,11 @@ def fused_attention():
         F.scaled_dot_product_attention = original
 
 
-def measure_step(module: nn.Module, make_inputs: Callable[[], dict[str, Any]], train: bool) -> int:
+def measure_step(module: nn.Module, make_inputs: Callable[[], dict[str, Any]], train: bool,
+                 cpu_kernels: bool = False) -> int:
     """Peak bytes (beyond parameters and parameter gradients) of one forward (+ backward when
-    `train`) of `module` on meta inputs."""
-    tracker = LiveBytes(module)
+    `train`) of `module` on meta inputs; `cpu_kernels`: as CPU kernels run it (LiveBytes)."""
+    tracker = LiveBytes(module, cpu_kernels)
     handles = []
     if train:
         handles = [p.register_post_accumulate_grad_hook(tracker.grad_accumulated)
@@ -298,7 +316,7 @@ def measure_step(module: nn.Module, make_inputs: Callable[[], dict[str, Any]], t
     return tracker.peak
 
 
-def measure_denoiser(module: nn.Module, make_inputs: Callable[[], dict[str, Any]]) -> int:
+def measure_denoiser(module: nn.Module, make_inputs: Callable[[], dict[str, Any]], cpu_kernels: bool = False) -> int:
     """`measure_step` of a training step, on a copy of the stack holding one and two of its repeated
     blocks, extrapolated to the real depth: every block of a list saves the same activations
     (checkpointing: the same input), so the peak is linear in the block counts; this keeps the
@@ -306,13 +324,13 @@ def measure_denoiser(module: nn.Module, make_inputs: Callable[[], dict[str, Any]
     full = {name: getattr(module, name) for name in ("transformer_blocks", "single_transformer_blocks")
             if isinstance(getattr(module, name, None), nn.ModuleList) and len(getattr(module, name)) > 2}
     if not full:
-        return measure_step(module, make_inputs, train=True)
+        return measure_step(module, make_inputs, train=True, cpu_kernels=cpu_kernels)
 
     def at(counts: dict[str, int]) -> int:
         for name, count in counts.items():
             setattr(module, name, nn.ModuleList(list(full[name])[:count]))
         try:
-            return measure_step(module, make_inputs, train=True)
+            return measure_step(module, make_inputs, train=True, cpu_kernels=cpu_kernels)
         finally:
             for name, blocks in full.items():
                 setattr(module, name, blocks)
@@ -375,6 +393,7 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     budget_gb: float | None = None
     suggestions: list[str] = field(default_factory=list)
+    device: str = "cuda"
 
     @property
     def state_bytes(self) -> float:
@@ -404,7 +423,8 @@ class MemoryPlan:
             return f"{value / GB:8.2f}"
 
         lines = [f"Memory plan: {self.family} at {self.resolution}x{self.resolution}, batch {self.batch_size}, "
-                 f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'} ({self.source}).",
+                 f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+                 f"{', on CPU' if self.device == 'cpu' else ''} ({self.source}).",
                  f"{'part':<16}{'params':>9} {'quant':>6} {'weights':>8} {'trainable':>9} {'grads':>8} "
                  f"{'optim':>8} {'activ.':>8}   (GiB)"]
         for p in self.parts:
@@ -438,6 +458,9 @@ class WhatIf:
     optimizer: str | None = None
     batch_size: int | None = None
     resolution: int | None = None
+    #: The accelerator planned for: "cuda" (default, also on a machine without one) or "cpu"
+    #: (oneDNN's convolution reorder copies count; the tiny-model measurements run there).
+    device: str = "cuda"
 
 
 def parse_quantize(values: list[str] | None) -> tuple[tuple[str, str], ...]:
@@ -579,7 +602,9 @@ def _plan(cfg: Config, what_if: WhatIf, budget_gb: float | None) -> MemoryPlan:
         batch = max(batch, cfg.grpo.num_generations)
     resolution = what_if.resolution or cfg.data.resolution
     trained = _trained_parts(cfg)
-    plan = MemoryPlan(family, source, resolution, batch, checkpointing, budget_gb=budget_gb)
+    if what_if.device not in ("cuda", "cpu"):
+        raise ConfigError(f"planner device {what_if.device!r}: choose cuda or cpu.")
+    plan = MemoryPlan(family, source, resolution, batch, checkpointing, budget_gb=budget_gb, device=what_if.device)
     if cfg.optimizer.class_path:
         plan.notes.append(f"optimizer.class_path {cfg.optimizer.class_path}: counted as AdamW (8 bytes/param).")
     if cfg.training.method == "dpo":
@@ -678,8 +703,17 @@ def _controls(cfg: Config) -> int:
     return 1 if cfg.training.mode == "i2i" else 0
 
 
+def vae_scale_factor(family: str, vae: nn.Module) -> int:
+    """Pixels per latent side, as the pipelines compute it from the VAE's own config (8 for the
+    published VAEs; the tiny models' VAEs have fewer down blocks)."""
+    if family.startswith("qwen_image"):
+        return 2 ** len(vae.config.temperal_downsample)
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def _denoiser_inputs(family: str, module: nn.Module, cfg: Config, dtype: torch.dtype, batch: int,
-                     resolution: int) -> Callable[[], dict[str, Any]]:
+                     resolution: int, vae_scale: int = 8) -> Callable[[], dict[str, Any]]:
+    """Meta inputs of one denoiser call; `vae_scale` from `vae_scale_factor` (latent = pixels / it)."""
     meta = torch.device("meta")
     config = module.config
     text = _text_tokens(family, cfg)
@@ -689,7 +723,7 @@ def _denoiser_inputs(family: str, module: nn.Module, cfg: Config, dtype: torch.d
         return torch.empty(shape, dtype=dt, device=meta)
 
     if family == "flux_kontext":
-        side = resolution // 16
+        side = resolution // vae_scale // 2  # 2x2 latent patches per token
         tokens = side * side * (1 + controls)
         return lambda: {
             "hidden_states": empty(batch, tokens, config.in_channels),
@@ -698,7 +732,7 @@ def _denoiser_inputs(family: str, module: nn.Module, cfg: Config, dtype: torch.d
             "timestep": empty(batch), "img_ids": empty(tokens, 3), "txt_ids": empty(text, 3),
             "guidance": empty(batch) if config.guidance_embeds else None, "return_dict": False}
     if family.startswith("qwen_image"):
-        side = resolution // 16
+        side = resolution // vae_scale // 2
         tokens = side * side * (1 + controls)
         if controls:
             text += 256 * controls  # the VL encoder's vision tokens of each condition image
@@ -709,7 +743,7 @@ def _denoiser_inputs(family: str, module: nn.Module, cfg: Config, dtype: torch.d
             "encoder_hidden_states_mask": empty(batch, text, dt=torch.int64),
             "timestep": empty(batch), "img_shapes": shapes, "return_dict": False}
     if family == "sdxl":
-        side = resolution // 8
+        side = resolution // vae_scale
         return lambda: {
             "sample": empty(batch, config.in_channels, side, side), "timestep": empty(batch),
             "encoder_hidden_states": empty(batch, text, config.cross_attention_dim),
@@ -717,7 +751,7 @@ def _denoiser_inputs(family: str, module: nn.Module, cfg: Config, dtype: torch.d
                                                       config.addition_time_embed_dim),
                                   "time_ids": empty(batch, 6)}, "return_dict": False}
     if family == "glm_image":
-        side = resolution // 8
+        side = resolution // vae_scale
         patches = (side // config.patch_size) ** 2
         return lambda: {
             "hidden_states": empty(batch, config.in_channels, side, side),
@@ -791,6 +825,7 @@ def _token_part_bytes(module: nn.Module, cfg: Config, tokens: int, batch: int, d
 def _measure_phases(plan: MemoryPlan, cfg: Config, modules: dict[str, nn.Module], trained: list[str],
                     dtype: torch.dtype, batch: int, resolution: int, checkpointing: bool, cache: bool) -> None:
     family = plan.family
+    cpu = plan.device == "cpu"
     dtype_bytes = DTYPE_BYTES[dtype]
     pairs = 2 if cfg.training.method == "dpo" else 1
     images = 1 + _controls(cfg)
@@ -814,9 +849,10 @@ def _measure_phases(plan: MemoryPlan, cfg: Config, modules: dict[str, nn.Module]
         vae_dtype = torch.float32 if vae.config.get("force_upcast", True) and family != "qwen_image" and \
             not family.startswith("qwen_image") else dtype
         vae.to(vae_dtype)
-        key = ("vae", plan.source, family, str(vae_dtype), batch * pairs, resolution, images)
+        key = ("vae", plan.source, family, str(vae_dtype), batch * pairs, resolution, images, cpu)
         plan.phases["encode images (VAE)"] = _memoized(key, lambda: measure_step(
-            _Encode(vae), _vae_inputs(family, vae_dtype, batch * pairs, resolution, images), train=False))
+            _Encode(vae), _vae_inputs(family, vae_dtype, batch * pairs, resolution, images), train=False,
+            cpu_kernels=cpu))
     for name in trained:
         module = modules[name]
         part = plan.part(name)
@@ -829,9 +865,10 @@ def _measure_phases(plan: MemoryPlan, cfg: Config, modules: dict[str, nn.Module]
                 module.enable_gradient_checkpointing()
             module.train()
             key = (name, plan.source, family, str(dtype), batch * pairs, resolution, checkpointing,
-                   part.trainable_parameters, cfg.training.mode, _text_tokens(family, cfg))
+                   part.trainable_parameters, cfg.training.mode, _text_tokens(family, cfg), cpu)
+            scale = vae_scale_factor(family, modules["vae"])
             part.activation_bytes = _memoized(key, lambda: measure_denoiser(
-                module, _denoiser_inputs(family, module, cfg, dtype, batch * pairs, resolution)))
+                module, _denoiser_inputs(family, module, cfg, dtype, batch * pairs, resolution, scale), cpu))
         else:  # GLM-Image AR: teacher-forced image tokens (preview grid + target grid + prompt)
             grid = resolution // 32
             tokens = grid * grid + 16 * 16 + _text_tokens(family, cfg)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,12 +121,13 @@ def unmatched_key_messages(messages: list[str]) -> list[str]:
     return [m for m in messages if any(s in m.lower() for s in UNMATCHED_KEY_WORDS)]
 
 
-def train_sft(raw: dict, stop_at: int | None = None):
-    """An SFT run of `raw` (-> the trainer); with `stop_at`, stopped at that step as SIGTERM does."""
+def train_sft(raw: dict, stop_at: int | None = None, trainer_class: type | None = None):
+    """An SFT (or `trainer_class`) run of `raw` (-> the trainer); with `stop_at`, stopped at that
+    step as SIGTERM does."""
     from glm_training.config import config_from_dict
     from glm_training.trainers.sft import SFTTrainer
 
-    trainer = SFTTrainer(config_from_dict(raw))
+    trainer = (trainer_class or SFTTrainer)(config_from_dict(raw))
     trainer.setup()
     if stop_at is not None:
         step = trainer.optimizer_step
@@ -139,3 +141,21 @@ def train_sft(raw: dict, stop_at: int | None = None):
         trainer.optimizer_step = step_then_stop
     trainer.train()
     return trainer
+
+
+def fit_fixed_draws(family, latents, condition, draws, optimizer, steps: int) -> tuple[float, float]:
+    """`steps` optimizer steps of the SFT loss cycling through fixed (noise, timesteps) `draws`
+    -> the loss summed over the draws before and after."""
+    from glm_training.parts.denoiser import diffusion_sft_loss
+
+    def held_loss():
+        with torch.no_grad():
+            return sum(diffusion_sft_loss(family, latents, condition, n, t).mean().item() for n, t in draws)
+
+    before = held_loss()
+    for step in range(steps):
+        noise, t = draws[step % len(draws)]
+        diffusion_sft_loss(family, latents, condition, noise, t).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return before, held_loss()

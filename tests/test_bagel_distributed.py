@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from glm_training.models.bagel.loading import load_bagel, load_bagel_tokenizer
-from glm_training.models.bagel.model import global_token_mean
+from glm_training.models.bagel.model import token_weights
 from glm_training.models.bagel.packing import (
     BagelSample,
     PackingConfig,
@@ -57,7 +57,8 @@ def worker(rank: int, tiny_dir: Path, init_file: Path, out_dir: Path) -> None:
     try:
         model, tokenizer, special = load(tiny_dir)
         text, n_text, image, n_image = sums(model, packs(model, tokenizer, special)[rank], seed=rank)
-        loss = global_token_mean(text, n_text) + global_token_mean(image, n_image)
+        text_weight, image_weight = token_weights(n_text, n_image)
+        loss = text * text_weight + image * image_weight
         loss.backward()
         grads = {}
         for name, param in model.named_parameters():

@@ -73,3 +73,45 @@ def test_loss_weights_are_applied(tmp_path):
     batch = {"index": [0, 1], "sample": [trainer.dataset[0]["sample"], trainer.dataset[1]["sample"]]}
     loss, metrics = trainer.compute_loss(batch)
     assert loss.item() == __import__("pytest").approx(2.0 * metrics["image_mse"], rel=1e-5)
+
+
+def test_per_token_means_span_the_accumulation_window(tmp_path):
+    """With gradient accumulation each loss token of the optimizer step weighs the same (the
+    official recipe's mean over the step's tokens), however the tokens split between micro-batches:
+    the window's gradient equals that of the pooled per-token means."""
+    data = write_data(tmp_path)
+    trainer = SFTTrainer(config(tmp_path, data, max_train_steps=1, batch_size=1, gradient_accumulation_steps=2))
+    trainer.setup()
+    family, part = trainer.family, trainer.parts[0]
+    # A text-to-image row and a conversation: unequal text and image token counts.
+    batches = [{"index": [i], "sample": [trainer.dataset[i]["sample"]]} for i in (0, 1)]
+    seeds = [part.batch_seed(b, 0) for b in batches]
+    params = [p for p in family.modules["bagel"].parameters() if p.requires_grad]
+
+    def gradients(loss_fn):
+        for p in params:
+            p.grad = None
+        loss_fn()
+        return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+    def window():
+        trainer.start_window(batches, [0, 0])
+        for batch in batches:
+            (trainer.compute_loss(batch)[0] * 0.5).backward()
+
+    def pooled():
+        outs = [family.modules["bagel"](family.pack(b, s), generator=torch.Generator().manual_seed(s))
+                for b, s in zip(batches, seeds)]
+        counts = [(int(o["n_text_tokens"]), int(o["n_image_tokens"])) for o in outs]
+        assert counts[0] != counts[1]
+        text = sum(o["text_token_ce"].sum() for o in outs) / sum(c[0] for c in counts)
+        image = sum(o["image_mse_per_sample"].sum() for o in outs) / sum(c[1] for c in counts)
+        (text + image).backward()
+
+    def per_micro_batch():
+        for batch in batches:
+            (trainer.compute_loss(batch)[0] * 0.5).backward()
+
+    expected, got, old = gradients(pooled), gradients(window), gradients(per_micro_batch)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    assert (old - expected).abs().max() > 100 * (got - expected).abs().max()

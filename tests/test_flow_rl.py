@@ -266,6 +266,41 @@ def test_first_inner_iteration_is_on_policy_and_the_clip_acts_on_the_second(tmp_
           f" -> ratio [{second['ratio_min']:.4f}, {second['ratio_max']:.4f}] clip {second['clip_fraction']:.3f}")
 
 
+def test_each_member_trains_its_own_timestep_subset_scored_exactly(tmp_path):
+    """Flow-GRPO permutes the trained steps per sample: with grpo.timestep_fraction 0.5 each member
+    draws its own subset from (seed, step, member id), the same whatever the batch split (so also
+    on any rank count); one forward at mixed steps scores each stored transition bitwise."""
+    from glm_training.data.datasets import collate
+    from glm_training.parts import StepContext
+    from glm_training.trainers.grpo import GRPOTrainer
+
+    raw = grpo_config(tmp_path, prompts_file(tmp_path), training={"max_train_steps": 1}, timestep_fraction=0.5)
+    trainer = GRPOTrainer(config_from_dict(raw))
+    trainer.setup()
+    part = trainer.parts[0]
+    rollout = trainer.make_rollout(collate([trainer.dataset[i] for i in (0, 1)]))
+    record, members = rollout.records[part.name], rollout.members
+    ctx = StepContext(seed=0, epoch=0, step=3, backward=lambda loss: None)
+    steps = part.trained_steps(record.trajectory, members, ctx)
+    assert len(steps) == 2 and all(len(k) == len(members) for k in steps)  # half of 4 steps, per member
+    subsets = {tuple(sorted(column)) for column in zip(*steps)}
+    assert len(subsets) > 1  # members differ (8 members, 6 possible subsets)
+    # The first member half alone (another rank / batch split) draws the same subsets.
+    half = part.trained_steps(record.trajectory, members[:4], ctx)
+    assert half == [k[:4] for k in steps]
+    assert part.trained_steps(record.trajectory, members, StepContext(0, 0, 4, lambda loss: None)) != steps
+
+    trajectory = record.trajectory
+    schedule = part.sampler.schedule(trajectory.states[0])
+    for k in steps:
+        state = torch.stack([trajectory.states[j][i] for i, j in enumerate(k)])
+        target = torch.stack([trajectory.states[j + 1][i] for i, j in enumerate(k)])
+        with torch.no_grad():
+            step = part.sampler.step(k, state, record.condition, record.uncondition, prev_sample=target,
+                                     schedule=schedule)
+        assert torch.equal(step.log_prob, trajectory.log_probs[torch.arange(len(k)), torch.tensor(k)])
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Image-to-image GRPO with SSIM to the source image
 

@@ -15,7 +15,8 @@ from glm_training.config import ConfigError, config_from_dict
 from glm_training.models.base import build_family
 from glm_training.predict import load, main
 
-SIZE = {"sdxl": 32, "flux_kontext": 32, "qwen_image": 32, "glm_image": 32, "bagel": 32}
+SIZE = {"sdxl": 32, "flux_kontext": 32, "qwen_image": 32, "glm_image": 32, "bagel": 32, "qwen_image_edit": 32,
+        "qwen_image_edit_plus": 32}
 STEPS, SEED = 2, 7
 
 
@@ -24,7 +25,7 @@ def make_run(tmp_path: Path, family: str, **lora) -> Path:
     all non-zero (alpha != rank, so a loader that ignores alpha would differ)."""
     raw = {"model": {"family": family, "pretrained_model_name_or_path": f"tiny:{family}"},
            "data": {"path": str(tmp_path), "resolution": SIZE[family]},
-           "training": {"seed": 0},
+           "training": {"seed": 0, "mode": "i2i" if family.startswith("qwen_image_edit") else "t2i"},
            "lora": {"rank": 4, "alpha": 8, **lora},
            "logging": {"output_dir": str(tmp_path / "output"), "project": "p", "sample_num_inference_steps": STEPS,
                        "sample_guidance_scale": 1.0, "sample_seed": SEED}}
@@ -144,6 +145,25 @@ def test_flux_kontext_edit_through_the_cli_with_compare(tmp_path):
     assert_same_image(grid.crop((32, 0, 64, 32)), base)
 
 
+@pytest.mark.parametrize("family", ["qwen_image_edit", "qwen_image_edit_plus"])
+def test_qwen_edit_predict_equals_the_pipeline_for_sources_of_another_size(tmp_path, family):
+    """The stock edit pipelines resize the source to their own target areas (about 1 Mpx for the
+    VAE; Plus: 384x384 for the VL encoder): predict hands them the source as given, so a source
+    whose size differs from the output (and is no multiple of 32) gives the pipeline user's image."""
+    run = make_run(tmp_path, family)
+    source = tmp_path / "source.png"
+    Image.fromarray((np.random.default_rng(0).random((24, 40, 3)) * 255).astype(np.uint8)).save(source)
+    predictor = load(run)
+    ours = predictor.generate("make it blue", images=[source], guidance=2.0)[0]
+    pipe = pipeline_with_lora(family, run / "final")
+    size = SIZE[family]
+    theirs = pipe(image=Image.open(source).convert("RGB"), prompt="make it blue", negative_prompt="", height=size,
+                  width=size, num_inference_steps=STEPS, true_cfg_scale=2.0,
+                  generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+    assert ours.size == (size, size)
+    assert_same_image(ours, theirs)
+
+
 def test_base_and_lora_without_run_config_reads_the_lora_metadata(tmp_path):
     run = make_run(tmp_path, "sdxl")
     lonely = tmp_path / "elsewhere" / "my_lora.safetensors"  # a LoRA file with no config.yaml near it
@@ -176,9 +196,48 @@ def test_checkpoint_folders_and_bagel(tmp_path):
     theirs = BagelSampler(model.eval(), tokenizer, special).generate(
         "a red square", height=32, width=32, num_timesteps=3, cfg_text_scale=2.0, seed=5)
     assert_same_image(ours, theirs)
-    if hasattr(predictor.family, "answer"):
-        answer = predictor.answer("what colour is it?", max_new_tokens=4)[0]
-        assert answer == BagelSampler(model, tokenizer, special).generate_text("what colour is it?", max_new_tokens=4)
+    answer = predictor.answer("what colour is it?", max_new_tokens=4)[0]
+    assert answer == BagelSampler(model, tokenizer, special).generate_text("what colour is it?", max_new_tokens=4)
+
+
+def test_bagel_text_answers_through_the_cli(tmp_path):
+    """`--answer`: greedy text answers about an image, written as .txt with the settings in a
+    .json; equal to the sampler's own greedy decoding with the run's LoRA and image sizes."""
+    from glm_training.models.bagel.generate import BagelSampler
+    from glm_training.models.bagel.loading import load_bagel, load_bagel_tokenizer
+    from glm_training.models.bagel.lora import load_lora
+    from glm_training.models.bagel.packing import PackingConfig
+    from glm_training.models.tiny import ensure_tiny
+
+    run = make_run(tmp_path, "bagel")
+    source = tmp_path / "source.png"
+    Image.fromarray((np.random.default_rng(0).random((24, 40, 3)) * 255).astype(np.uint8)).save(source)
+    out = tmp_path / "answers"
+    assert main(["--run", str(run), "--prompt", "what colour is it?", "--prompt", "how many shapes?",
+                 "--image", str(source), "--answer", "--max-new-tokens", "6", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["000-what-colour-is-it.json", "000-what-colour-is-it.txt",
+                                                     "001-how-many-shapes.json", "001-how-many-shapes.txt"]
+    settings = json.loads((out / "001-how-many-shapes.json").read_text())
+    assert settings["prompt"] == "how many shapes?" and settings["max_new_tokens"] == 6
+    assert settings["images"] == [str(source.resolve())] and settings["weights"] == str(run / "final")
+
+    folder = ensure_tiny("bagel")
+    model = load_bagel(folder, dtype=torch.float32, device="cpu")
+    tokenizer, special = load_bagel_tokenizer(folder)
+    load_lora(model, run / "final")
+    size = SIZE["bagel"]  # the run's data.resolution sizes the image, as in training
+    packing = PackingConfig.for_model(model.bagel_config, vae_max_size=size, vae_min_size=size, vit_max_size=size,
+                                      vit_min_size=size)
+    sampler = BagelSampler(model.eval(), tokenizer, special, packing=packing)
+    for stem, prompt in (("000-what-colour-is-it", "what colour is it?"), ("001-how-many-shapes", "how many shapes?")):
+        expected = sampler.generate_text(prompt, [Image.open(source).convert("RGB")], max_new_tokens=6)
+        assert (out / f"{stem}.txt").read_text() == expected + "\n"
+        assert json.loads((out / f"{stem}.json").read_text())["answer"] == expected
+        assert expected and expected != sampler.generate_text(prompt, max_new_tokens=6)  # the image is read
+    # Families without a text side refuse with the flag named.
+    sdxl = make_run(tmp_path / "sdxl", "sdxl")
+    with pytest.raises(ConfigError, match="gives no text answers"):
+        load(sdxl).answer("what is it?")
 
 
 def test_errors_name_the_argument(tmp_path, capsys):

@@ -305,3 +305,42 @@ def test_readme_lists_every_ms_swift_flag():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert swift_flag_table() in readme, "README.md: paste glm_training.cli.swift_flag_table() under Prompt-policy GRPO"
     assert len(SWIFT_FLAGS) == 16
+
+
+def test_training_stats_and_completions_go_on_across_a_resume(tmp_path):
+    """A run stopped at step 2 and resumed writes the counters and completion rows of an unbroken one."""
+    from conftest import train_sft
+
+    from glm_training.trainers.grpo import GRPOTrainer
+
+    def config(name):
+        (tmp_path / name).mkdir()
+        return policy_config(tmp_path / name, prompt_policy={"max_completion_length": 4, "log_completions": True})
+
+    straight = train_sft(config("straight"), trainer_class=GRPOTrainer).run_dir
+    broken = config("broken")
+    first = train_sft(broken, stop_at=2, trainer_class=GRPOTrainer).run_dir
+    assert not (first / "final").exists()
+    broken["training"]["resume_from_checkpoint"] = "latest"
+    resumed = train_sft(broken, trainer_class=GRPOTrainer).run_dir
+    assert resumed == first
+    stats = [json.loads((run / "checkpoint-4" / "training_stats.json").read_text()) for run in (straight, resumed)]
+    assert stats[0]["rollouts"] == 4 and stats[0]["completions"] == 4 * 16
+    assert stats[0] == stats[1]
+    rows = [(run / "completions.jsonl").read_text().splitlines() for run in (straight, resumed)]
+    assert len(rows[0]) == 4 * 16 and rows[0] == rows[1]
+
+
+def test_two_processes_log_every_member_once(tmp_path):
+    """DDP: the counters are of both ranks' rollouts and completions.jsonl has each member once."""
+    from test_distributed import launch
+
+    raw = policy_config(tmp_path, training={"max_train_steps": 2, "batch_size": 4},
+                        grpo={"num_generations": 4}, prompt_policy={"max_completion_length": 3, "log_completions": True})
+    launch(tmp_path, raw, 2)
+    (run,) = {path.parent for path in (tmp_path / "out").rglob("completions.jsonl")}
+    rows = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1] * 8 + [2] * 8  # 2 ranks x 4 members per step
+    assert len({row["prompt"] for row in rows if row["step"] == 1}) == 2  # each rank its own prompt
+    stats = json.loads((run / "final" / "training_stats.json").read_text())
+    assert stats["rollouts"] == 4 and stats["completions"] == 16

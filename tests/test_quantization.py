@@ -13,10 +13,9 @@ from glm_training.config import ConfigError, config_from_dict
 from glm_training.data.datasets import collate
 from glm_training.models.base import build_family
 from glm_training.models.tiny import ensure_tiny
-from glm_training.parts.denoiser import diffusion_sft_loss
 from glm_training.trainers.sft import build_diffusion_data
 
-from conftest import load_lora_messages
+from conftest import fit_fixed_draws, load_lora_messages
 
 FAMILIES = {"sdxl": "unet", "flux_kontext": "transformer", "qwen_image": "transformer"}
 #: Measured on tiny SDXL (seed 0, 6 AdamW steps at lr 1e-2, 2-step pipeline at 32 px, images in
@@ -52,17 +51,7 @@ def train_lora(raw, out_dir, steps=6):
     params = [p for name in family.trained for p in family.unwrapped(name).parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=raw["training"]["learning_rate"])
 
-    def held_loss():
-        with torch.no_grad():
-            return sum(diffusion_sft_loss(family, latents, condition, n, t).mean().item() for n, t in draws)
-
-    before = held_loss()
-    for step in range(steps):
-        noise, t = draws[step % len(draws)]
-        diffusion_sft_loss(family, latents, condition, noise, t).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    after = held_loss()
+    before, after = fit_fixed_draws(family, latents, condition, draws, optimizer, steps)
     family.save_adapter(out_dir)
     return before, after, family
 

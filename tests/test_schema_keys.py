@@ -172,6 +172,7 @@ TABLE: dict[str, tuple] = {
     "distributed.backend": ("read", "glm_training/trainers/base.py"),
     "distributed.find_unused_parameters": ("read", "glm_training/trainers/base.py"),
     "distributed.timeout_minutes": ("read", "glm_training/trainers/base.py"),
+    "distributed.deepspeed": ("acts", "test_deepspeed.py::test_zero3_matches_one_samples_resumes_exactly_and_loads_in_diffusers"),
     "bagel.text_loss_weight": ("acts", "test_bagel_family.py::test_loss_weights_are_applied"),
     "bagel.image_loss_weight": ("acts", "test_bagel_family.py::test_loss_weights_are_applied"),
     "nft.beta": ("acts", "test_nft.py::test_nft_options_act"),

@@ -42,8 +42,6 @@ def test_full_fine_tuning_v_prediction_and_component_lr(tmp_path, shapes_data):
 
 
 def test_optimizer_errors_say_what_to_do(tmp_path, shapes_data):
-    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
-        train(tmp_path, shapes_data, optimizer={"name": "adamw8bit"})
     with pytest.raises(ConfigError, match="cannot import nowhere_pkg"):
         train(tmp_path, shapes_data, optimizer={"class_path": "nowhere_pkg.Optim"})
     with pytest.raises(ConfigError, match=r"component_lr: \['dit'\] not trained"):

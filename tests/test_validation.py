@@ -179,3 +179,64 @@ def test_eval_keys_that_cannot_act_are_refused(tmp_path, shapes):
     raw = toy_config(tmp_path, shapes, "sft", eval={"best_metric": "eval/loss"})  # no eval split
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         SFTTrainer(config_from_dict(raw)).train()
+
+
+def test_a_bad_eval_split_is_reported_before_any_weight_is_read(tmp_path, shapes, monkeypatch, capsys):
+    """data.eval_path is read and checked in setup (with the training records) and by --validate,
+    before the model loads; the error names data.eval_path."""
+    import yaml
+
+    from glm_training import cli
+    from glm_training.data.datasets import DataError
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad eval split was reported")
+
+    monkeypatch.setattr("toy_family.ToyFamily.load", refuse)
+    missing = tmp_path / "no_such_eval"
+    raw = config(tmp_path, shapes, "sft", data={"eval_path": str(missing)})
+    with pytest.raises(DataError, match=f"data.eval_path {missing}: does not exist"):
+        SFTTrainer(config_from_dict(raw)).setup()
+    broken = tmp_path / "broken_eval"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    (broken / "a.txt").write_text("a caption")
+    raw = config(tmp_path, shapes, "sft", data={"eval_path": str(broken)})
+    with pytest.raises(DataError, match=f"data.eval_path {broken}"):
+        SFTTrainer(config_from_dict(raw)).setup()
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert cli.main(["--config", str(path), "--validate"]) == 2
+    assert f"data.eval_path {broken}" in capsys.readouterr().err
+    # A good eval split is counted by --validate.
+    raw = config(tmp_path, shapes, "sft", data={"eval_fraction": 0.25})
+    assert cli.validate_data(config_from_dict(raw)) == "12 records (+4 eval records)"
+
+
+def test_fsdp_evaluates_on_every_rank_and_keeps_best(tmp_path, shapes_data):
+    """FSDP2 on 2 processes: the sharded UNet's eval forward passes need both ranks (on rank 0
+    alone they would wait for rank 1 forever); the logged values equal a 1-process run's with the
+    same global batch, and best/ (gathered by both ranks, written by rank 0) holds the best step."""
+    from conftest import sdxl_config
+    from test_fsdp import FSDP_ENV, LORA, launch
+
+    sections = dict(data={"eval_fraction": 0.25}, eval={"steps": 1, "draws": 1, "best_metric": "eval/loss"})
+    training = {"max_train_steps": 2, "learning_rate": 5e-3}
+    two = sdxl_config(tmp_path / "two", shapes_data, training={**training, "batch_size": 1}, **sections)
+    one = sdxl_config(tmp_path / "one", shapes_data, training={**training, "batch_size": 2}, **sections)
+    run2 = launch(tmp_path, two, 2, FSDP_ENV, "two")
+    run1 = SFTTrainer(config_from_dict(one)).train()
+    sharded, single = eval_rows(run2), eval_rows(run1)
+    assert sorted(sharded) == sorted(single) == [1, 2]
+    for step in (1, 2):
+        assert sharded[step]["eval/loss"] == pytest.approx(single[step]["eval/loss"], rel=1e-4)
+    best = json.loads((run2 / "best" / "best.json").read_text())
+    losses = {step: row["eval/loss"] for step, row in sharded.items()}
+    assert best["step"] == min(losses, key=losses.get)
+    gathered, reference = load_file(run2 / "best" / LORA), load_file(run1 / "best" / LORA)
+    assert gathered.keys() == reference.keys()  # the full (consolidated) LoRA, not a shard
+    # Same weights up to float order (Adam turns 1e-7 gradient differences into ~1e-4 steps at lr 5e-3).
+    for key in gathered:
+        torch.testing.assert_close(gathered[key], reference[key], atol=5e-4, rtol=1e-3)
+    assert any(v.abs().sum() > 0 for k, v in gathered.items() if "lora_B" in k or "lora.up" in k)  # trained B

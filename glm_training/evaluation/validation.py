@@ -16,8 +16,11 @@ for every trainer and family on the parts' methods.
 - EMA (`training.ema`): `utils.ema.TrainableEMA` over the trained tensors; evaluation, samples and
   best/ use the averages (`weights(trainer)`), the raw weights keep training.
 
-Everything runs on the main process (unwrapped modules: a DDP forward on one rank would hang);
-the metrics are then broadcast so every rank takes the same best / stop decision.
+Everything runs on the main process (unwrapped modules: a DDP forward on one rank would hang),
+except with sharded modules (FSDP / ZeRO-3), whose forward passes need every rank: then every
+rank evaluates the same eval split (the values agree) and rank 0's are kept; best/ is gathered by
+every rank and written by rank 0. The metrics are broadcast so every rank takes the same best /
+stop decision.
 """
 
 from __future__ import annotations
@@ -102,6 +105,67 @@ def evaluation_mode(trainer: Any, records: list | None = None) -> Iterator[None]
             for part in trainer.parts:
                 stack.enter_context(part.evaluating(records))
         yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The eval split (read and checked before any weight, with the training records)
+# ---------------------------------------------------------------------------------------------
+
+def load_eval_split(trainer_cls: Any, cfg: Any, parts: list) -> list:
+    """The held-out records (`data.eval_path` / `data.eval_fraction` / the layout's eval_* files)
+    with the fields `trainer_cls` reads from `parts`, checked like the training records, and
+    checked for what `eval.metrics` needs (text answers for bleu / rouge); [] when there is none.
+    Needs only the parts' declarations: `BaseTrainer.setup` and `--validate` call it before the
+    model loads."""
+    from glm_training.data.datasets import DataError
+    from glm_training.data.records import load_records
+    from glm_training.evaluation.metrics import TEXT_METRICS
+
+    needs = trainer_cls.record_needs(cfg, parts)
+    same_controls = cfg.training.batch_size > 1 and "conversation" not in needs
+    eval_path = getattr(cfg.data, "eval_path", None)
+    try:
+        records = load_records(cfg.data, needs, split="eval", same_control_count=same_controls)
+    except DataError as error:
+        if eval_path and f"data.path {eval_path}" in str(error):  # the reader names the folder it read
+            raise DataError(str(error).replace(f"data.path {eval_path}", f"data.eval_path {eval_path}", 1)) from None
+        raise
+    texts = [name for name in cfg.eval.metrics if name in TEXT_METRICS]
+    if texts and not any(text_questions(r) for r in records):
+        where = f"data.eval_path {eval_path}" if eval_path else "the eval split (data.eval_fraction / eval_* files)"
+        raise DataError(f"eval.metrics: {', '.join(texts)} score text answers against the held-out conversations' "
+                        f"assistant text, and {where} has no conversation with an assistant text answer"
+                        f"{'' if records else ' (it is empty)'}; add such conversations to the eval split or remove "
+                        f"{', '.join(texts)} from eval.metrics.")
+    return records
+
+
+def text_questions(record: Any) -> list[tuple[list, str]]:
+    """The text questions of a held-out conversation (`record.metadata["conversation"]`, a BAGEL
+    sequence plan): for each assistant text answer (a learned text item), the items before it as
+    the question's context and the answer as the reference. [] for records without one."""
+    plan = getattr(record, "metadata", {}).get("conversation")
+    items = getattr(plan, "items", None) or []
+    questions = []
+    for index, item in enumerate(items):
+        if getattr(item, "loss", False) and isinstance(getattr(item, "text", None), str):
+            questions.append((list(items[:index]), item.text))
+    return questions
+
+
+def text_metrics(trainer: Any, evaluator: "Evaluator", records: list) -> dict[str, float]:
+    """`eval.metrics` bleu / rouge: the family's greedy answers (`family.answer`) to every held-out
+    conversation's questions against their reference answers. Call inside `evaluation_mode`."""
+    metrics = evaluator.metrics
+    questions = [q for record in records for q in text_questions(record)]
+    answers = trainer.family.answer([context for context, _ in questions], max_new_tokens=ANSWER_MAX_NEW_TOKENS)
+    metrics.reset()
+    metrics.update_texts(list(answers), [reference for _, reference in questions])
+    return {f"eval/{key}": value for key, value in metrics.compute().items()}
+
+
+#: Length limit of the answers scored by bleu / rouge (held-out answers are short).
+ANSWER_MAX_NEW_TOKENS = 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,13 +334,20 @@ def score_images(evaluator: "Evaluator", images: torch.Tensor, batch: dict[str, 
 
 
 def generated_metrics(trainer: Any, evaluator: "Evaluator", records: list) -> dict[str, float]:
-    """SFT / DPO: eval images of the eval prompts (ODE, logging.sample_*), scored. Call inside
-    `evaluation_mode(trainer, records)`."""
+    """SFT / DPO: eval images of the eval prompts (ODE, logging.sample_*), scored, and the text
+    metrics on the held-out conversations' answers. Call inside `evaluation_mode(trainer, records)`."""
+    values: dict[str, float] = {}
+    metrics = evaluator.metrics
+    if metrics is not None and metrics.text_metrics:  # bleu / rouge: text answers (load_eval_split checked them)
+        values.update(text_metrics(trainer, evaluator, records))
+    if evaluator.rewards is None and (metrics is None or not metrics.image_metrics):
+        return values
     log = trainer.cfg.logging
     batch = prompts_batch(trainer, records)
     generation = trainer.family.eval_images(batch, records, log.sample_seed, log.sample_num_inference_steps,
                                             log.sample_guidance_scale)
-    values, _ = score_images(evaluator, generation.images, batch, target_images(trainer, records, batch))
+    scored, _ = score_images(evaluator, generation.images, batch, target_images(trainer, records, batch))
+    values.update(scored)
     return values
 
 
@@ -320,18 +391,25 @@ class BestTracker:
         self.best, self.best_step, self.stale = state["best"], state["best_step"], state["stale"]
 
 
-def publish_best(trainer: Any, step: int, metric: str, value: float, values: dict[str, float]) -> Path:
+def publish_best(trainer: Any, step: int, metric: str, value: float, values: dict[str, float]) -> Path | None:
     """`<run>/best/`: the evaluated weights in the user-facing layout and best.json, written into a
-    tmp folder first and renamed (a killed run never leaves a half-written best/)."""
+    tmp folder first and renamed (a killed run never leaves a half-written best/). Sharded modules
+    (FSDP / ZeRO-3): every rank calls it to gather the full weights, rank 0 writes; -> the folder
+    where this process wrote it, else None."""
     from glm_training.utils import checkpoint as ckpt
 
+    writer = trainer.writes_files and (trainer.is_main or not sharded(trainer))
     run_dir = Path(trainer.run_dir)
     final = run_dir / BEST_DIR
     tmp = run_dir / f"{BEST_DIR}{ckpt.TMP_MARK}{os.getpid()}"
-    ckpt.remove_tree(tmp)
-    tmp.mkdir(parents=True)
-    with weights(trainer):
-        ckpt.write_external(tmp, trainer.family.save_adapter)
+    if writer:
+        ckpt.remove_tree(tmp)
+        tmp.mkdir(parents=True)
+    with weights(trainer), trainer.family.full_weights():  # a collective when sharded
+        if writer:
+            ckpt.write_external(tmp, trainer.family.save_adapter)
+    if not writer:
+        return None
     ckpt.write_json(tmp / BEST_FILE, {"step": step, "metric": metric, "value": value,
                                       "mode": trainer.cfg.eval.mode, "ema": trainer.cfg.training.ema is not None,
                                       "eval": values}, indent=2)
@@ -396,10 +474,11 @@ class Evaluator:
         return bool(steps) and step % steps == 0 and step != self.last_step
 
     def run(self, step: int) -> bool:
-        """Evaluate at `step` (main process), log `eval/*`, keep best/; every rank -> whether to stop early."""
+        """Evaluate at `step` (main process; every rank when the modules are sharded), log `eval/*`
+        from the main process, keep best/; every rank -> whether to stop early."""
         trainer = self.trainer
         values: dict[str, float] = {}
-        if trainer.is_main:
+        if trainer.is_main or sharded(trainer):
             values = dict(trainer.eval_metrics(step))
             if not values:
                 raise ConfigError(
@@ -413,9 +492,10 @@ class Evaluator:
             trainer.log_eval(values, step)
             shown = ", ".join(f"{k[len('eval/'):]} {v:.5g}" for k, v in sorted(values.items())[:8])
             logger.info("Step %d eval: %s", step, shown)
-        if improved and trainer.writes_files:
+        if improved and (trainer.writes_files or sharded(trainer)):
             path = publish_best(trainer, step, self.best.metric, self.best.best, values)
-            logger.info("New best %s %.6g at step %d: %s", self.best.metric, self.best.best, step, path)
+            if path is not None:
+                logger.info("New best %s %.6g at step %d: %s", self.best.metric, self.best.best, step, path)
         trainer.accelerator.wait_for_everyone()
         if self.best.exhausted:
             if trainer.is_main:
@@ -435,6 +515,12 @@ class Evaluator:
         self.best.load_state_dict(state["best"])
         self.guard.load_state_dict(state["guard"])
         self.last_step, self.last_values = state["last_step"], state["last_values"]
+
+
+def sharded(trainer: Any) -> bool:
+    """Whether the trained modules are sharded over the ranks (FSDP / DeepSpeed): then a forward
+    pass, and gathering the full weights, needs every rank."""
+    return bool(getattr(trainer, "sharded", False)) and trainer.accelerator.num_processes > 1
 
 
 def evaluator_of(trainer: Any) -> Evaluator:

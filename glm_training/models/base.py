@@ -151,6 +151,9 @@ class ModelFamily(ABC):
     #: Transformer block classes of each component (class names): the FSDP wrap units
     #: (`block_classes`); a component not listed cannot be sharded.
     fsdp_blocks: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: Per component, frozen sub-modules FSDP leaves unsharded (a regex, full match on module
+    #: names): those the family calls outside the component's forward, where FSDP2 gathers nothing.
+    fsdp_unsharded: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def block_classes(cls, component: str) -> list[str]:
@@ -711,6 +714,10 @@ class ModelFamily(ABC):
     @abstractmethod
     def load_adapter_weights(self, path: str) -> None:
         """Initialise the trained adapters from a file written by `save_adapter` (or compatible)."""
+
+    def load_run_state(self, folder: Path) -> None:
+        """On resume, every rank: what the family itself keeps of a run (e.g. counters it writes
+        with `save_adapter`), read back from the checkpoint `folder`."""
 
     def cache_identity(self) -> str:
         """What identifies the frozen encoders for the embedding cache (content, not path)."""

@@ -92,6 +92,8 @@ class GlmImageFamily(DiffusionFamily):
     quantizable = ("transformer", "vision_language_encoder", "text_encoder")
     quantize_aliases = {"dit": "transformer", "ar": "vision_language_encoder"}
     fsdp_blocks = {"dit": ("GlmImageTransformerBlock",), "ar": ("GlmImageTextDecoderLayer",)}
+    # Image tokens come from `get_image_features` / `vqmodel.encode`, outside the AR's forward.
+    fsdp_unsharded = {"ar": r"(.*\.)?model\.(visual|vqmodel)"}
     default_lora_targets = {
         "dit": ["to_q", "to_k", "to_v", "to_out.0"],
         # Language-model attention only: the vision tower and VQ tokenizer make the targets.

@@ -17,26 +17,68 @@ frozen tensors (identical on every rank; it would otherwise refuse parameters on
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass, transform_subclass
 
 #: Blocks that must stay resident: the one computing and the one being prefetched (as the planner).
 SWAP_BUFFER_BLOCKS = 2
 
 
+def _map_storage(tensor: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`fn` on a plain tensor; on a quantized weight (torchao's Int8Tensor / Float8Tensor: tensor
+    subclasses holding qdata + scale) on each inner tensor, rebuilt as the same subclass: pinning,
+    non-blocking copies and record_stream are not ops those subclasses implement themselves."""
+    if is_traceable_wrapper_subclass(tensor):
+        return transform_subclass(tensor, lambda _name, inner: _map_storage(inner, fn))
+    return fn(tensor)
+
+
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [t for name in names for t in _plain_tensors(getattr(tensor, name))]
+    return [tensor]
+
+
+def _point_at(tensor: torch.Tensor, source: torch.Tensor) -> None:
+    """Make the (frozen) `tensor` use `source`'s storage, keeping the object autograd and the
+    module hold. `.data =` does that for plain tensors; on a tensor subclass it would only replace
+    the empty outer wrapper, so the subclass's inner tensors (qdata, scale) are replaced instead."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            inner, new = getattr(tensor, name), getattr(source, name)
+            if is_traceable_wrapper_subclass(inner):
+                _point_at(inner, new)
+            else:
+                setattr(tensor, name, new)
+    else:
+        tensor.data = source
+
+
+def _storage(tensor: torch.Tensor) -> torch.Tensor:
+    """What `_point_at` changed: the tensor itself, or a subclass as it now is."""
+    return tensor if is_traceable_wrapper_subclass(tensor) else tensor.data
+
+
 class BlockSwap:
     """Swap the last `count` of `blocks` (modules inside `root`) between `offload_device` and
     `device`. With `device` == `offload_device` == cpu it does the same bookkeeping (hooks, which
-    blocks are in, transfer counts) synchronously without copying, which is what the CPU tests check."""
+    blocks are in, transfer counts) synchronously without copying, which is what the CPU tests check;
+    `copy_on_same_device` copies anyway (the CPU tests of the copying path, quantized weights included)."""
 
     def __init__(self, root: nn.Module, blocks: list[nn.Module], count: int, device: torch.device | str,
-                 offload_device: torch.device | str = "cpu"):
+                 offload_device: torch.device | str = "cpu", copy_on_same_device: bool = False):
         if not 0 < count <= len(blocks):
             raise ValueError(f"block swap: cannot swap {count} of {len(blocks)} blocks.")
         self.device, self.offload_device = torch.device(device), torch.device(offload_device)
         self.blocks = list(blocks)
         self.swapped = self.blocks[len(self.blocks) - count:]
         self.cuda = self.device.type == "cuda"
+        self.copy = copy_on_same_device
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         # block -> [(tensor whose .data swaps, its copy on the offload device)]
         self.tensors: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -51,11 +93,13 @@ class BlockSwap:
                     continue
                 # Same device (the CPU tests): keep the tensor itself, so results stay bitwise equal
                 # (a copy may change alignment, and so the last bit of CPU matmuls).
-                same = self.offload_device == self.device
-                host = tensor.detach() if same else tensor.detach().to(self.offload_device, copy=True)
+                same = self.offload_device == self.device and not copy_on_same_device
+                host = tensor.detach() if same else _map_storage(
+                    tensor.detach(), lambda t: t.to(self.offload_device, copy=True))
                 if self.cuda and self.offload_device.type == "cpu":
-                    host = host.pin_memory()  # async host-to-device copies need page-locked memory
-                tensor.data = host
+                    # async host-to-device copies need page-locked memory
+                    host = _map_storage(host, lambda t: t.pin_memory())
+                _point_at(tensor, host)
                 pairs.append((tensor, host))
             self.tensors[block] = pairs
             block.register_forward_pre_hook(self._before_forward)
@@ -74,12 +118,13 @@ class BlockSwap:
         self.transfers += 1
         if self.stream is None:
             for tensor, host in self.tensors[block]:
-                tensor.data = host.to(self.device)  # synchronous (no CUDA); the same tensor on one device
+                # synchronous (no CUDA); on one device the same tensor unless copy_on_same_device
+                _point_at(tensor, _map_storage(host, lambda t: t.to(self.device, copy=self.copy)))
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             for tensor, host in self.tensors[block]:
-                tensor.data = host.to(self.device, non_blocking=True)
+                _point_at(tensor, _map_storage(host, lambda t: t.to(self.device, non_blocking=True)))
             event = torch.cuda.Event()
             event.record(self.stream)
         self.events[block] = event
@@ -92,7 +137,8 @@ class BlockSwap:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(event)
             for tensor, _ in self.tensors[block]:
-                tensor.data.record_stream(current)  # freed only after compute is done with it
+                for inner in _plain_tensors(_storage(tensor)):
+                    inner.record_stream(current)  # freed only after compute is done with it
 
     def release(self, block: nn.Module) -> None:
         """Point `block`'s frozen tensors back at their offload copies (frozen: nothing to copy back)."""
@@ -100,7 +146,7 @@ class BlockSwap:
             return
         self.ready(block)  # a pending prefetch must land before its memory can be dropped
         for tensor, host in self.tensors[block]:
-            tensor.data = host
+            _point_at(tensor, host)
         self.resident.discard(block)
 
     def _neighbour(self, block: nn.Module, step: int) -> nn.Module | None:

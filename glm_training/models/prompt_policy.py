@@ -397,6 +397,7 @@ class PromptPolicyFamily(ModelFamily):
         self.modules = {"policy": model}
         self.generator = FrozenGenerator(self.cfg, self.device)
         self.stats = {"rollouts": 0, "completions": 0, "fallbacks": 0, "completion_tokens": 0}
+        self.unreported = dict.fromkeys(self.stats, 0)  # this rank's counts since the last on_scored
         self.last_scores: dict[str, float] = {}
         self.completion_rows: list[dict] = []
 
@@ -458,10 +459,11 @@ class PromptPolicyFamily(ModelFamily):
         record = part.rollout(batch, group, draw)
         generation = self.render(batch, group, record.tokens, seed, step, record.prompts)
         generation.records = {part.name: record}
-        self.stats["rollouts"] += 1
-        self.stats["completions"] += len(record.prompts)
-        self.stats["fallbacks"] += sum(m["fallback"] for m in generation.metadata)
-        self.stats["completion_tokens"] += int(record.outputs["completion_mask"].sum())
+        counts = {"rollouts": 1, "completions": len(record.prompts),
+                  "fallbacks": sum(m["fallback"] for m in generation.metadata),
+                  "completion_tokens": int(record.outputs["completion_mask"].sum())}
+        for key, value in counts.items():
+            self.unreported[key] += value
         return generation
 
     @torch.no_grad()
@@ -492,6 +494,17 @@ class PromptPolicyFamily(ModelFamily):
                   per_reward: dict[str, torch.Tensor], step: int) -> None:
         """After scoring (dynamic_sample included): the statistics of `training_stats.json` and,
         with `prompt_policy.log_completions`, one row per member (prompt -> rewrite -> reward)."""
+        import torch.distributed as dist
+
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        # Every rank calls this after each rollout: the counters are of all processes' rollouts
+        # (the same on every rank) and the completion rows of all members go to one file.
+        counts = torch.tensor([self.unreported[k] for k in self.stats], dtype=torch.float64, device=self.device)
+        if several:
+            dist.all_reduce(counts)
+        for key, value in zip(self.stats, counts.tolist()):
+            self.stats[key] += int(value)
+        self.unreported = dict.fromkeys(self.stats, 0)
         total = totals["policy"].float()
         self.last_scores = {"step": step + 1, "reward_mean": float(total.mean()),
                             "reward_std": float(total.std(unbiased=False)),
@@ -499,11 +512,17 @@ class PromptPolicyFamily(ModelFamily):
         if not self.cfg.family_options.log_completions:
             return
         prompts = generation.records["policy"].prompts
-        for i, (prompt, meta) in enumerate(zip(prompts, generation.metadata)):
-            self.completion_rows.append({"step": step + 1, "prompt": prompt, "completion": meta["completion"],
-                                         "rewrite": meta["rewrite"], "fallback": meta["fallback"],
-                                         "reward": float(total[i]),
-                                         "rewards": {n: float(v[i]) for n, v in per_reward.items()}})
+        rows = [{"step": step + 1, "prompt": prompt, "completion": meta["completion"], "rewrite": meta["rewrite"],
+                 "fallback": meta["fallback"], "reward": float(total[i]),
+                 "rewards": {n: float(v[i]) for n, v in per_reward.items()}}
+                for i, (prompt, meta) in enumerate(zip(prompts, generation.metadata))]
+        if several:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)  # rank order: the members of rank 0, then rank 1, ...
+            if dist.get_rank() != 0:
+                rows = []
+        self.completion_rows.extend(rows)
 
     def rollout_captions(self, generation: Generation) -> list[str] | None:
         """Rollout grids: the rewrite under each image (its rewards follow)."""
@@ -564,6 +583,14 @@ class PromptPolicyFamily(ModelFamily):
         if self.cfg.family_options.log_completions:  # checkpoint tmp folders and final/ sit in the run folder
             self.flush_completions(out_dir.parent)
         return sorted(p for p in out_dir.iterdir() if p.is_file())
+
+    def load_run_state(self, folder: Path) -> None:
+        """The counters of `training_stats.json` go on from the checkpoint's."""
+        saved = Path(folder) / TRAINING_STATS_FILE
+        if saved.is_file():
+            stats = json.loads(saved.read_text())
+            self.stats = {key: int(stats[key]) for key in self.stats}
+            self.last_scores = stats.get("last_rollout", {})
 
     def load_adapter_weights(self, path: str) -> None:
         """`lora.pretrained_weight`: start from an adapter folder written by `save_adapter` (peft layout)."""

@@ -37,6 +37,10 @@ class Part:
     def device(self) -> torch.device:
         return self.family.device
 
+    def sft_window(self, batches: list[dict[str, Any]], epochs: list[int]) -> None:
+        """An SFT accumulation window (one optimizer step) starts with these micro-batches (of these
+        data epochs): a part whose loss is normalised over the whole step counts it here."""
+
     @contextlib.contextmanager
     def evaluating(self, records: list) -> Iterator[None]:
         """Inside the block the part reads `records` (the eval split: batch indices point into them),

@@ -259,33 +259,40 @@ class Denoiser(Part):
             record.condition, record.uncondition = self.generation_conditions(
                 batch, group, self.sampler.guidance_scale, inputs=record.inputs)
 
-    def trained_steps(self, trajectory: Trajectory, ctx: StepContext) -> list[int]:
-        """The stochastic steps trained this optimizer step: a `grpo.timestep_fraction` subset."""
+    def trained_steps(self, trajectory: Trajectory, members: list[int], ctx: StepContext) -> list[list[int]]:
+        """The stochastic steps trained this optimizer step, as `[j][i]` = the j-th step of member i:
+        each member its own `grpo.timestep_fraction` subset, drawn from (seed, step, member) as
+        Flow-GRPO permutes per sample (the same on any rank count or batch split)."""
         steps = [k for k, stochastic in enumerate(trajectory.stochastic) if stochastic]
         if not steps:
             raise ConfigError("No stochastic sampling step to train: raise grpo.noise_level or widen grpo.sde_window.")
         fraction = self.cfg.grpo.timestep_fraction
-        if fraction < 1.0:
-            order = torch.randperm(len(steps), generator=sample_generator(ctx.seed, ctx.step, 0, SALT_TIMESTEPS))
-            steps = [steps[i] for i in order[:max(1, round(fraction * len(steps)))].tolist()]
-        return steps
+        if fraction >= 1.0:
+            return [[k] * len(members) for k in steps]
+        count = max(1, round(fraction * len(steps)))
+        orders = [torch.randperm(len(steps), generator=sample_generator(ctx.seed, ctx.step, member, SALT_TIMESTEPS))
+                  for member in members]
+        return [[steps[int(order[j])] for order in orders] for j in range(count)]
 
     def policy_backward(self, record: DenoiserRollout, advantages: torch.Tensor, valid: torch.Tensor,
-                        iteration: int, ctx: StepContext) -> dict[str, float]:
+                        iteration: int, members: list[int], ctx: StepContext) -> dict[str, float]:
         """Flow-GRPO / DDPO: the clipped objective on the recorded transitions of the trained steps
-        (+ `grpo.beta` x KL to the reference), back-propagated one step at a time to bound memory."""
+        (+ `grpo.beta` x KL to the reference), back-propagated one step at a time to bound memory.
+        `members`: the rollout's member ids (prompt index x group + member), for the step draws."""
         grpo = self.cfg.grpo
         trajectory, condition, uncondition = record.trajectory, record.condition, record.uncondition
-        steps = self.trained_steps(trajectory, ctx)
+        steps = self.trained_steps(trajectory, members, ctx)
         epsilons = (grpo.epsilon, grpo.epsilon_high) if grpo.flow_epsilon is None else (grpo.flow_epsilon, None)
         schedule = self.sampler.schedule(trajectory.states[0])
         sums: dict[str, float] = {}
         ratio_min, ratio_max = float("inf"), float("-inf")
-        for k in steps:
-            state, target = trajectory.states[k].to(self.device), trajectory.states[k + 1].to(self.device)
+        rows = torch.arange(len(members))
+        for k in steps:  # k: each member's step
+            state = torch.stack([trajectory.states[j][i] for i, j in enumerate(k)]).to(self.device)
+            target = torch.stack([trajectory.states[j + 1][i] for i, j in enumerate(k)]).to(self.device)
             step = self.sampler.step(k, state, condition, uncondition, prev_sample=target, schedule=schedule)
-            loss, stats = clipped_policy_loss(step.log_prob, trajectory.log_probs[:, k].to(self.device), advantages,
-                                              *epsilons, mask=valid)
+            old_log_probs = trajectory.log_probs[rows, torch.tensor(k)].to(self.device)
+            loss, stats = clipped_policy_loss(step.log_prob, old_log_probs, advantages, *epsilons, mask=valid)
             if grpo.beta > 0:
                 with torch.no_grad(), self.family.reference():
                     reference = self.sampler.step(k, state, condition, uncondition, prev_sample=target,

@@ -75,12 +75,22 @@ class DiffusionSampler:
             output = unguided + self.guidance_scale * (output - unguided)
         return output
 
-    def step(self, k: int, x: torch.Tensor, condition: dict[str, Any], uncondition: dict[str, Any] | None,
+    def step(self, k: int | list[int], x: torch.Tensor, condition: dict[str, Any], uncondition: dict[str, Any] | None,
              prev_sample: torch.Tensor | None = None, generators: list[torch.Generator] | None = None,
              schedule: list | None = None) -> SDEStep:
-        t, a, a_next = (schedule or self.schedule(x))[k]
+        """Step `k` for the whole batch, or, with one stochastic step index per sample (`k` a list),
+        each sample at its own step in one forward (Flow-GRPO trains each sample on its own steps)."""
+        schedule = schedule or self.schedule(x)
+        if isinstance(k, int) or len(set(k)) == 1:
+            k = k if isinstance(k, int) else k[0]
+            (t, a, a_next), level = schedule[k], self.noise_level if self.stochastic(k) else 0.0
+        else:
+            if not all(self.stochastic(j) for j in k):
+                raise ValueError(f"per-sample steps {k} include deterministic ones (sde_window)")
+            t = torch.stack([schedule[j][0] for j in k])
+            a, a_next = (torch.tensor([schedule[j][i] for j in k], dtype=torch.float64) for i in (1, 2))
+            level = self.noise_level
         output = self.model_output(x, t, condition, uncondition)
-        level = self.noise_level if self.stochastic(k) else 0.0
         if self.is_epsilon:
             return ddim_step_with_logprob(output, x, a, a_next, eta=level,
                                           prediction_type=self.family.objective.prediction_type,

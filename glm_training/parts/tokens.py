@@ -184,7 +184,7 @@ class TokenPolicy(Part, ABC):
         """Nothing to rebuild: a token rollout is all tensors."""
 
     def policy_backward(self, record: TokenRollout, advantages: torch.Tensor, valid: torch.Tensor,
-                        iteration: int, ctx: StepContext) -> dict[str, float]:
+                        iteration: int, members: list[int], ctx: StepContext) -> dict[str, float]:
         grpo = self.cfg.grpo
         kwargs = {"tokens": record.tokens, "controls": record.controls, "temperature": grpo.temperature}
         logprobs = self.token_logprobs(record.prompts, **kwargs)

@@ -21,7 +21,7 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -40,14 +40,88 @@ from glm_training.utils.tracking import Trackers, image_grid
 logger = logging.getLogger(__name__)
 
 
-def distributed_strategy() -> str:
+def distributed_strategy(cfg: Config | None = None) -> str:
     """What `accelerate launch --config_file configs/accelerate/<name>.yaml` asked for (it sets these
-    variables; torchrun users set them by hand): "fsdp", "deepspeed" or "ddp" (also one process)."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+    variables; torchrun users set them by hand) or `distributed.deepspeed`: "fsdp", "deepspeed" or
+    "ddp" (also one process)."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if cfg is not None and cfg.distributed.deepspeed != "none":
+        if fsdp:
+            raise ConfigError(f"distributed.deepspeed: {cfg.distributed.deepspeed} but the launch asked for FSDP "
+                              "(ACCELERATE_USE_FSDP, configs/accelerate/fsdp.yaml): choose one; set "
+                              "distributed.deepspeed: none for FSDP.")
+        return "deepspeed"
+    if fsdp:
         return "fsdp"
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
         return "deepspeed"
     return "ddp"
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "accelerate"
+
+
+def deepspeed_plugin(cfg: Config):
+    """accelerate's DeepSpeedPlugin: for `distributed.deepspeed: zero2|zero3` the settings of
+    configs/accelerate/deepspeed_zero<N>.yaml; for `accelerate launch --config_file
+    deepspeed_zero*.yaml` the ACCELERATE_DEEPSPEED_* variables it exported. Accumulation, clipping
+    and the micro batch always come from the training config (they cannot disagree). Sets the
+    environment accelerate and deepspeed read; checked before any weight is loaded."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise ConfigError("DeepSpeed was asked for (distributed.deepspeed / --deepspeed, or accelerate launch with a "
+                          "deepspeed_zero*.yaml config, ACCELERATE_USE_DEEPSPEED=true) but the deepspeed package is "
+                          "not installed: pip install -e '.[deepspeed]' (or launch with configs/accelerate/fsdp.yaml)."
+                          ) from None
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.accelerator import get_accelerator
+
+    key, training = cfg.distributed.deepspeed, cfg.training
+    where = f"distributed.deepspeed: {key}" if key != "none" else "ACCELERATE_USE_DEEPSPEED"
+    ds_device = get_accelerator().device_name()
+    if not torch.cuda.is_available() and ds_device != "cpu":
+        raise ConfigError(f"{where}: DeepSpeed's accelerator is {ds_device!r} (DS_ACCELERATOR) but this machine has "
+                          "no CUDA GPU; unset DS_ACCELERATOR (DeepSpeed then runs on the CPU with gloo) or train with "
+                          "DDP / FSDP.")
+    stage = int(key[-1]) if key != "none" else int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    if stage == 3 and training.ema is not None:
+        # ZeRO-3 leaves each rank a partition of every parameter: an average of those is not the model's.
+        raise ConfigError(f"{where}: training.ema is not supported with ZeRO-3 (the parameters are partitioned "
+                          "across ranks); use ZeRO-2 (distributed.deepspeed: zero2), FSDP, or remove training.ema.")
+    common = {"gradient_accumulation_steps": 1, "gradient_clipping": float(training.max_grad_norm or 0.0)}
+    if key != "none":
+        launched = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        if launched is not None and int(launched) != stage:
+            raise ConfigError(f"{where} but accelerate launch's config asks for ZeRO stage {launched}: make them agree "
+                              "(or drop distributed.deepspeed and let the launch config decide).")
+        path = ACCELERATE_CONFIGS / f"deepspeed_zero{stage}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{where}: {path} is missing; reinstall from the repository (pip install -e .).")
+        import yaml
+
+        settings = yaml.safe_load(path.read_text())["deepspeed_config"]
+        plugin = DeepSpeedPlugin(zero_stage=stage, offload_optimizer_device=settings.get("offload_optimizer_device", "none"),
+                                 offload_param_device=settings.get("offload_param_device", "none"),
+                                 zero3_init_flag=bool(settings.get("zero3_init_flag", False)),
+                                 zero3_save_16bit_model=bool(settings.get("zero3_save_16bit_model", False)), **common)
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what accelerate launch sets; accelerate reads it
+    else:
+        plugin = DeepSpeedPlugin(**common)  # stage, offload, ... from accelerate launch's variables
+    # accelerate.prepare gets no dataloader (the trainer makes its own), so DeepSpeed learns it here.
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = training.batch_size
+    if "LOCAL_RANK" not in os.environ:
+        # One process without torchrun: accelerate starts DeepSpeed's process group only for a
+        # launched rank, so this process is made rank 0 of 1 (as DeepSpeed's own launcher does).
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update({"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(port))})
+    return plugin
 
 
 def make_accelerator(cfg: Config):
@@ -70,7 +144,7 @@ def make_accelerator(cfg: Config):
         # singleton that would otherwise keep the first run's mixed precision. accelerate 1.15
         # offers no public reset (only this, which its own tests use).
         AcceleratorState._reset_state(reset_partial_state=False)
-    strategy, plugins = distributed_strategy(), {}
+    strategy, plugins = distributed_strategy(cfg), {}
     if strategy == "fsdp":
         from accelerate.utils import FullyShardedDataParallelPlugin
 
@@ -78,23 +152,22 @@ def make_accelerator(cfg: Config):
 
         family = family_class(cfg.model.family)
         group = cfg.model.component or family.default_component
-        blocks = [name for component in family.component_groups[group] for name in family.block_classes(component)]
+        components = family.component_groups[group]
+        blocks = [name for component in components for name in family.block_classes(component)]
+        unsharded = "|".join(f"(?:{family.fsdp_unsharded[c]})" for c in components if c in family.fsdp_unsharded)
         # FSDP2 (fully_shard); the rest (state dict type, offload, reshard) from the launch config.
         plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=blocks)
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=blocks,
+            ignored_modules=unsharded or None)
     elif strategy == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise ConfigError("DeepSpeed was asked for (accelerate launch with a deepspeed_zero*.yaml config, "
-                              "ACCELERATE_USE_DEEPSPEED=true) but the deepspeed package is not installed: "
-                              "pip install -e '.[deepspeed]' (or launch with configs/accelerate/fsdp.yaml)."
-                              ) from None
+        plugins["deepspeed_plugin"] = deepspeed_plugin(cfg)
     # step_scheduler_with_optimizer=False: the schedule counts optimizer steps, whatever the world size
     # (accelerate would otherwise step it once per process). cpu=True on machines without CUDA:
-    # otherwise accelerate does not wrap DDP on CPU ranks.
+    # otherwise accelerate does not wrap DDP on CPU ranks. Not for DeepSpeed: accelerate disables it
+    # with cpu=True; without it DeepSpeed runs on CPU ranks too (its CPU accelerator, gloo).
     accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, kwargs_handlers=handlers,
-                              cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False, **plugins)
+                              cpu=not torch.cuda.is_available() and strategy != "deepspeed",
+                              step_scheduler_with_optimizer=False, **plugins)
     if strategy == "fsdp" and accelerator.distributed_type.value != "FSDP":
         if accelerator.num_processes > 1 and not torch.cuda.is_available():
             from accelerate.utils import DistributedType
@@ -113,7 +186,69 @@ def make_accelerator(cfg: Config):
             raise ConfigError(f"FSDP was asked for (ACCELERATE_USE_FSDP) but accelerate runs as "
                               f"{accelerator.distributed_type.value} with {accelerator.num_processes} process(es); "
                               "launch with accelerate launch --config_file configs/accelerate/fsdp.yaml.")
+    if strategy == "deepspeed" and accelerator.distributed_type.value != "DEEPSPEED":
+        raise ConfigError(f"DeepSpeed was asked for (distributed.deepspeed: {cfg.distributed.deepspeed}) but accelerate "
+                          f"runs as {accelerator.distributed_type.value}; launch with torchrun / accelerate launch, "
+                          "or train with DDP / FSDP.")
+    if strategy == "deepspeed" and not accelerator.state.deepspeed_plugin.zero3_init_flag:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        # accelerate registers its ZeRO-3 config with transformers whatever zero3_init_flag says, and
+        # transformers' from_pretrained would then partition every model it loads (the frozen text
+        # encoders too, which DeepSpeed never prepares): only the prepared module is sharded.
+        unset_hf_deepspeed_config()
     return accelerator
+
+
+def keep_output_capturing(roots: list[torch.nn.Module]) -> None:
+    """transformers 5 looks up which layer outputs a model can return (`output_hidden_states`) by
+    the name of its class; FSDP2 swaps a sharded module's class for `FSDP<Name>`: without the entry
+    for the new class, hidden states come back None (SDXL's text encoders)."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY as registry
+    except ImportError:  # other transformers versions keep it on the class itself
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for root in roots:
+        for module in root.modules():
+            if isinstance(module, FSDPModule) and not registry.get(module):
+                original = next(c for c in type(module).__mro__[1:] if not issubclass(c, FSDPModule))
+                if dict.get(registry, str(original)):
+                    registry[module] = dict.get(registry, str(original))
+
+
+def complete_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """DCP checkpoints refuse to load where a trained parameter has no optimizer state (torch 2.14:
+    "requires gradients but has no saved optimizer state"), e.g. SDXL's last text-encoder layer,
+    which never gets a gradient (the penultimate hidden state is used). After each step such
+    parameters get their state as torch's `_init_optim_state` makes it: a step with zero gradients
+    and lr, weight decay 0 (the parameters do not move)."""
+    busy = []
+
+    def complete_state(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        missing = [p for group in opt.param_groups for p in group["params"] if p.requires_grad and p not in opt.state]
+        if busy or not missing:
+            return
+        busy.append(True)
+        grads = {p: p.grad for group in opt.param_groups for p in group["params"]}
+        settings = [{k: group[k] for k in ("lr", "weight_decay") if k in group} for group in opt.param_groups]
+        try:
+            for group in opt.param_groups:
+                group.update({k: 0.0 for k in ("lr", "weight_decay") if k in group})
+                for p in group["params"]:
+                    p.grad = None
+            for p in missing:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+        finally:
+            for group, setting in zip(opt.param_groups, settings):
+                group.update(setting)
+            for p, grad in grads.items():
+                p.grad = grad
+            busy.clear()
+
+    optimizer.register_step_post_hook(complete_state)
 
 
 class BaseTrainer(ABC):
@@ -186,11 +321,11 @@ class BaseTrainer(ABC):
 
     def eval_split(self) -> list:
         """The held-out records (`data.eval_path` / `data.eval_fraction` / the layout's eval_* files)
-        with the fields this trainer reads; [] when the data has no eval split."""
-        cfg = self.cfg
-        needs = self.record_needs(cfg, self.parts)
-        same_controls = cfg.training.batch_size > 1 and "conversation" not in needs
-        return load_records(cfg.data, needs, split="eval", same_control_count=same_controls)
+        with the fields this trainer reads; [] when the data has no eval split. Read once, in
+        `setup` before any weight (`validation.load_eval_split`)."""
+        if getattr(self, "_eval_split", None) is None:
+            self._eval_split = validation.load_eval_split(type(self), self.cfg, self.parts)
+        return self._eval_split
 
     def validation_losses(self, records: list) -> dict[str, float]:
         """`eval/*` losses on the eval records (inside `validation.evaluation_mode`); SFT and DPO give them."""
@@ -310,6 +445,7 @@ class BaseTrainer(ABC):
             self.family = build_family(cfg, self.device, load=False)
         self.parts = self.family.parts()
         records = self.records_for(cfg, self.parts)
+        self.eval_split()  # a bad eval split fails here too, before the weights
         with self.first_on_each_disk():  # one process builds/downloads, others reuse
             self.family.load()
         # Seed after loading (building a tiny model draws random numbers): LoRA init and dropout
@@ -347,16 +483,36 @@ class BaseTrainer(ABC):
         its engine from all three), and the hooks that put the user-facing files in its state."""
         acc, names = self.accelerator, list(self.family.trained)
         self.sharded = acc.distributed_type.value in ("FSDP", "DEEPSPEED")
-        if self.sharded and len(names) > 1:
-            raise ConfigError(f"model.component: {self.family.component_group} trains {names} together; under "
-                              f"{acc.distributed_type.value} accelerate shards one model per optimizer: train one "
-                              "component at a time, or launch with configs/accelerate/ddp.yaml.")
-        prepared = acc.prepare(*[self.family.modules[name] for name in names], optimizer, scheduler)
-        for name, module in zip(names, prepared[:len(names)]):
-            self.family.modules[name] = module
-        self.optimizer, self.scheduler = prepared[len(names):]
+        if acc.distributed_type.value == "DEEPSPEED" and len(names) > 1:
+            raise ConfigError(f"model.component: {self.family.component_group} (model.train_text_encoder: "
+                              f"{self.cfg.model.train_text_encoder}) trains {names} together; a DeepSpeed engine "
+                              "wraps one model: train one component at a time, or launch with "
+                              "configs/accelerate/fsdp.yaml (shards every trained component) or ddp.yaml.")
+        if acc.distributed_type.value == "FSDP" and len(names) > 1:
+            # accelerate's FSDP2 prepare shards one model per call (and the optimizer spans all):
+            # a container of the trained modules is that model. Each module becomes its own FSDP unit
+            # (its blocks first), the root of its own forward; the container itself is never called.
+            class TrainedModules(torch.nn.ModuleDict):
+                def forward(self, *args: Any, **kwargs: Any) -> None:  # fully_shard wants a forward
+                    raise RuntimeError("call the trained modules themselves (family.modules[name])")
+
+            container = TrainedModules({name: self.family.modules[name] for name in names})
+            plugin = acc.state.fsdp_plugin
+            plugin.transformer_cls_names_to_wrap = list(dict.fromkeys(
+                [*(plugin.transformer_cls_names_to_wrap or []), *(type(m).__name__ for m in container.values())]))
+            container, self.optimizer, self.scheduler = acc.prepare(container, optimizer, scheduler)
+            self.family.modules.update({name: container[name] for name in names})
+        else:
+            prepared = acc.prepare(*[self.family.modules[name] for name in names], optimizer, scheduler)
+            for name, module in zip(names, prepared[:len(names)]):
+                self.family.modules[name] = module
+            self.optimizer, self.scheduler = prepared[len(names):]
         if acc.distributed_type.value == "FSDP":
             self._shard_references()
+            copies = {**(getattr(self.family, "_reference_modules", None) or {}),
+                      **(getattr(self.family, "_old_modules", None) or {})}
+            keep_output_capturing([*(self.family.modules[name] for name in names), *copies.values()])
+            complete_optimizer_state(getattr(self.optimizer, "optimizer", self.optimizer))  # torch's, not accelerate's
         # After prepare: under FSDP2 these are the sharded tensors the optimizer now holds.
         self.trainable_params = [p for group in self.optimizer.param_groups for p in group["params"]]
         acc.register_save_state_pre_hook(self._save_state_hook)
@@ -370,7 +526,7 @@ class BaseTrainer(ABC):
         copies = {**(getattr(self.family, "_reference_modules", None) or {}),
                   **(getattr(self.family, "_old_modules", None) or {})}
         for name, module in copies.items():
-            blocks = set(type(self.family).block_classes(name))
+            blocks = set(type(self.family).fsdp_blocks.get(name, ()))  # none listed (text encoders): one unit
             for sub in module.modules():
                 if type(sub).__name__ in blocks:
                     fully_shard(sub)
@@ -432,6 +588,10 @@ class BaseTrainer(ABC):
         of batches `num_iterations` times). Asked before the LR schedule is built."""
         return base, len(base)
 
+    @property
+    def _deepspeed(self) -> bool:
+        return self.accelerator.distributed_type.value == "DEEPSPEED"
+
     def context(self, epoch: int | None = None, scale: float = 1.0) -> StepContext:
         return StepContext(self.cfg.training.seed, self.epoch if epoch is None else epoch, self.global_step,
                            self.accelerator.backward, scale)
@@ -441,7 +601,9 @@ class BaseTrainer(ABC):
         state = ckpt.load_checkpoint(path, self.accelerator.process_index)
         if ckpt.is_accelerate_state(path):
             try:
-                self.accelerator.load_state(str(path))
+                # DeepSpeed checkpoints hold the trained tensors only (see save_checkpoint).
+                deepspeed = {"load_module_strict": False} if self._deepspeed else {}
+                self.accelerator.load_state(str(path), **deepspeed)
             except (ValueError, KeyError, RuntimeError) as error:  # torch: parameter groups / sizes differ
                 raise ConfigError(f"{where}: the optimizer or model state does not fit this config ({error}); "
                                   "resume with the launch config (fsdp / ddp / deepspeed), optimizer and lora "
@@ -464,6 +626,7 @@ class BaseTrainer(ABC):
         self.epoch = trainer_state["epoch"]
         self.batch_in_epoch = trainer_state["batch_in_epoch"]
         self.load_extra_state(path)
+        self.family.load_run_state(path)
         self.run_start.step = self.global_step
         self.saved_step = self.global_step  # the checkpoint resumed from holds this step
         if self.is_main:
@@ -499,7 +662,9 @@ class BaseTrainer(ABC):
             ckpt.begin_checkpoint(self.run_dir, name[0])
         acc.wait_for_everyone()
         ckpt.write_rank_state(folder, acc.process_index, ckpt.rng_state())
-        ckpt.write_external(folder, acc.save_state)
+        # DeepSpeed would write the whole module, the frozen base too (about 24 GB for FLUX).
+        deepspeed = {"exclude_frozen_parameters": True} if self._deepspeed else {}
+        ckpt.write_external(folder, lambda path: acc.save_state(path, **deepspeed))
         self.save_extra_state(folder)
         acc.wait_for_everyone()
         path = None
@@ -552,45 +717,39 @@ class BaseTrainer(ABC):
         evaluator = validation.evaluator_of(self)
         stopped_early = False
         accumulation = self.cfg.training.gradient_accumulation_steps
+        deepspeed = self._deepspeed
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         progress = tqdm(total=self.max_steps, initial=self.global_step, disable=not self.is_main,
                         desc=f"{self.method} {self.cfg.model.family}", dynamic_ncols=True)
-        window: list[dict[str, float]] = []
-        micro = 0
         stopped_by_signal = False
         try:
-            while self.global_step < self.max_steps and not stopped_by_signal:
-                if self.batch_in_epoch >= self.batches_per_epoch:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                for batch in self.dataloader(self.batch_in_epoch):
-                    sync = (micro + 1) % accumulation == 0
+            for window in self._windows(accumulation) if self.global_step < self.max_steps else ():
+                self.start_window([batch for _, _, batch in window], [epoch for epoch, _, _ in window])
+                logged: list[dict[str, float]] = []
+                for micro, (self.epoch, self.batch_in_epoch, batch) in enumerate(window):
+                    last = micro == len(window) - 1  # gradients are synchronised on the last one
+                    if deepspeed:  # its engine steps at a backward with sync_gradients (no public switch)
+                        acc.gradient_state._set_sync_gradients(last)
                     with contextlib.ExitStack() as stack:
-                        if not sync:
+                        if not last:
                             for name in self.family.trained:
                                 stack.enter_context(acc.no_sync(self.family.modules[name]))
-                        metrics = self.backward(batch, 1.0 / accumulation)
-                    window.append(metrics)
-                    micro += 1
-                    self.batch_in_epoch += 1
-                    if not sync:
-                        continue
-                    grad_norm = self.optimizer_step()
-                    self.global_step += 1
-                    self._log_step(window, grad_norm, progress)
-                    window = []
-                    # Before the checkpoint: it then holds this evaluation's best / patience state.
-                    if evaluator.due(self.global_step):
-                        stopped_early = evaluator.run(self.global_step)
-                    if self.global_step % self.cfg.training.checkpointing_steps == 0:
-                        self.save_checkpoint()
-                    if self.cfg.logging.sample_steps and self.global_step % self.cfg.logging.sample_steps == 0:
-                        self._sample(self.global_step)
-                    if self._any_rank_stopping():
-                        stopped_by_signal = True
-                        break
-                    if self.global_step >= self.max_steps or stopped_early:
-                        break
-                if stopped_early:
+                        logged.append(self.backward(batch, 1.0 / accumulation))
+                self.batch_in_epoch += 1
+                grad_norm = self.optimizer_step()
+                self.global_step += 1
+                self._log_step(logged, grad_norm, progress)
+                # Before the checkpoint: it then holds this evaluation's best / patience state.
+                if evaluator.due(self.global_step):
+                    stopped_early = evaluator.run(self.global_step)
+                if self.global_step % self.cfg.training.checkpointing_steps == 0:
+                    self.save_checkpoint()
+                if self.cfg.logging.sample_steps and self.global_step % self.cfg.logging.sample_steps == 0:
+                    self._sample(self.global_step)
+                if self._any_rank_stopping():
+                    stopped_by_signal = True
+                    break
+                if self.global_step >= self.max_steps or stopped_early:
                     break
             if not stopped_by_signal and evaluator.active and evaluator.last_step != self.global_step:
                 evaluator.run(self.global_step)  # the final weights are always evaluated
@@ -611,6 +770,26 @@ class BaseTrainer(ABC):
         acc.wait_for_everyone()
         return self.run_dir
 
+    def _windows(self, accumulation: int) -> Iterator[list[tuple[int, int, dict[str, Any]]]]:
+        """The micro-batches from the current data position on, `accumulation` at a time (one
+        optimizer step, which may span two epochs), as (epoch, index in epoch, batch): the whole
+        window is known before its first backward (`start_window`)."""
+        epoch, position, window = self.epoch, self.batch_in_epoch, []
+        while True:
+            if position >= self.batches_per_epoch:
+                epoch, position = epoch + 1, 0
+            self.epoch = epoch  # the loader of this epoch (its sampler, dataset and generator) reads it
+            for batch in self.dataloader(position):
+                window.append((epoch, position, batch))
+                position += 1
+                if len(window) == accumulation:
+                    yield window
+                    window = []
+
+    def start_window(self, batches: list[dict[str, Any]], epochs: list[int]) -> None:
+        """An optimizer step's micro-batches, before the first backward (SFT: parts that normalise
+        over the whole step)."""
+
     def _log_step(self, window: list[dict[str, float]], grad_norm: float | None, progress: tqdm) -> None:
         averaged = {k: sum(m[k] for m in window) / len(window) for k in window[0]}
         if self.accelerator.num_processes > 1:
@@ -619,7 +798,7 @@ class BaseTrainer(ABC):
             values = self.accelerator.reduce(values, reduction="mean")
             averaged = dict(zip(keys, values.tolist()))
         for group in self.optimizer.param_groups:
-            averaged[f"lr/{group.get('name', 'default')}"] = group["lr"]
+            averaged[f"lr/{group.get('name', 'default')}"] = float(group["lr"])  # some optimizers keep a tensor
         if grad_norm is not None and math.isfinite(grad_norm):
             averaged["grad_norm"] = grad_norm
         averaged.update(memory_stats(self.device))  # peak CUDA memory (or RSS) of this step
@@ -677,7 +856,8 @@ class BaseTrainer(ABC):
             grid = canvas
         stem = f"step-{step:06d}" if name == "samples" else f"{name}-step-{step:06d}"
         path = self.run_dir / "samples" / f"{stem}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid.save(path)
+        if self.writes_files:  # under FSDP / ZeRO-3 every rank samples; one per disk writes
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
         self.trackers.log_image(name, grid, step)
         return path

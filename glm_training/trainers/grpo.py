@@ -59,6 +59,11 @@ class Rollout:
     valid: dict[str, torch.Tensor]  # part name -> (B*G,) bool, False in zero-std groups
     metrics: dict[str, dict[str, float]]  # part name -> reward statistics
 
+    @property
+    def members(self) -> list[int]:
+        """Each member's id, prompt index x group + member: seeds its per-member draws."""
+        return [int(index) * self.group + m for index in self.indices for m in range(self.group)]
+
     def to_tensors(self, micro: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors, parts = {}, {}
         for name, record in self.records.items():
@@ -326,7 +331,7 @@ class GRPOTrainer(BaseTrainer):
         for part in self.parts:  # every part's loss into the same gradients: one optimizer step
             name = part.name
             part_metrics = part.policy_backward(rollout.records[name], rollout.advantages[name],
-                                                rollout.valid[name], iteration, ctx)
+                                                rollout.valid[name], iteration, rollout.members, ctx)
             loss += part_metrics["loss"]
             metrics.update(prefixed(name, {**rollout.metrics[name], **part_metrics}, several))
         metrics["loss"] = loss
@@ -431,7 +436,8 @@ class GRPOTrainer(BaseTrainer):
                 logger.warning("GRPO guardrail: %s", warning.message)
             tags = " ".join(w.tag for w in warnings)
             notes = [f"{note} {tags}" if tags else note for note in notes]
-        self.save_samples(_pil(generation.images), list(batch["prompt"]), step, notes=notes)
+        if self.is_main:  # sharded runs evaluate on every rank; one grid
+            self.save_samples(_pil(generation.images), list(batch["prompt"]), step, notes=notes)
         self._eval_memo = {"key": key, "metrics": metrics, "logged": False}
         return metrics
 
@@ -459,13 +465,16 @@ class GRPOTrainer(BaseTrainer):
         reward = ", ".join(f"{k[len('eval/'):-len('/reward/total_mean')] or 'total'} {v:.4f}"
                            for k, v in metrics.items() if k.endswith("reward/total_mean"))
         logger.info("Step %d: eval reward %s (%d steps)", step, reward, self.cfg.grpo.eval_steps)
-        if self.last_rollout is not None:
+        if self.last_rollout is not None and self.is_main:
             prompts, images, notes = self.last_rollout
             self.save_samples(_pil(images), prompts, step, notes=notes, name="rollout")
 
     def _sample(self, step: int) -> None:
-        # Unlike the base class, GRPO evaluates even without logging.sample_prompts.
-        if self.is_main:
+        from glm_training.evaluation.validation import sharded
+
+        # Unlike the base class, GRPO evaluates even without logging.sample_prompts. Sharded modules
+        # (FSDP / ZeRO-3) run forward only with every rank taking part: all sample, rank 0 writes.
+        if self.is_main or sharded(self):
             self.sample_images(step)
         self.accelerator.wait_for_everyone()
 

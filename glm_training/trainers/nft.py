@@ -87,7 +87,7 @@ class NFTTrainer(GRPOTrainer):
             rollout, iteration = self.rollout_for(batch)
         grpo, nft = self.cfg.grpo, self.cfg.nft
         ctx, several = self.context(scale=scale), len(self.parts) > 1
-        members = [int(index) * rollout.group + m for index in rollout.indices for m in range(rollout.group)]
+        members = rollout.members
         metrics: dict[str, float] = {}
         loss = 0.0
         for part in self.parts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 
@@ -34,12 +35,7 @@ def optimizer_class(cfg: Config) -> tuple[type, dict]:
     if opt.name == "sgd":
         return torch.optim.SGD, {"weight_decay": opt.weight_decay, "momentum": 0.9, **opt.kwargs}
     if opt.name == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise ConfigError("optimizer.name: adamw8bit needs bitsandbytes (pip install bitsandbytes, "
-                              "CUDA GPUs only); or use optimizer.name: adamw.") from None
-        return bitsandbytes.optim.AdamW8bit, {**adam_kwargs, **opt.kwargs}
+        return adamw8bit_class(), {**adam_kwargs, **opt.kwargs}
     if opt.name == "prodigy":
         try:
             import prodigyopt
@@ -48,6 +44,50 @@ def optimizer_class(cfg: Config) -> tuple[type, dict]:
                               "set training.learning_rate: 1.0 with it.") from None
         return prodigyopt.Prodigy, {**adam_kwargs, **opt.kwargs}
     raise ConfigError(f"optimizer.name: unknown optimizer {opt.name!r}.")
+
+
+def adamw8bit_class() -> type:
+    """`optimizer.name: adamw8bit`: bitsandbytes' AdamW8bit on CUDA when it is installed (what the
+    peers' 8-bit figures use); otherwise torchao's AdamW8bit (block-wise 8-bit moments, in
+    requirements.txt), which also runs on CPU. Both keep tensors under 4096 elements in fp32."""
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("optimizer.name: adamw8bit needs torchao (pip install -r requirements.txt, torchao==0.18.0) "
+                          "or, on CUDA, bitsandbytes (pip install 'glm_training[optim]'); or use optimizer.name: adamw.")
+    return _torchao_adamw8bit()
+
+
+def _torchao_adamw8bit() -> type:
+    from torchao.optim import AdamW8bit
+
+    class TorchaoAdamW8bit(AdamW8bit):
+        """torchao's AdamW8bit; on CPU its per-parameter step runs eagerly: torch.compile would
+        build a C++ kernel per parameter shape first (minutes on a small CPU; the step itself is
+        cheap). torchao wants each group's lr as a tensor: it is one only during `step`, so the
+        schedulers, the logs and the checkpoints keep seeing plain floats."""
+
+        def add_param_group(self, param_group: dict) -> None:
+            torch.optim.Optimizer.add_param_group(self, param_group)  # without torchao's lr tensor
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            rates = [group["lr"] for group in self.param_groups]
+            for group in self.param_groups:
+                group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32)
+            on_cpu = all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+            try:
+                with torch.compiler.set_stance("force_eager") if on_cpu else contextlib.nullcontext():
+                    return super().step(closure)
+            finally:
+                for group, rate in zip(self.param_groups, rates):
+                    group["lr"] = rate
+
+    return TorchaoAdamW8bit
 
 
 def build_optimizer(cfg: Config, groups: dict[str, list[torch.nn.Parameter]]) -> torch.optim.Optimizer:

@@ -24,6 +24,10 @@ class SFTTrainer(BaseTrainer):
         self.family.prepare(records)
         return self.family.dataset(records, "images")
 
+    def start_window(self, batches: list[dict[str, Any]], epochs: list[int]) -> None:
+        for part in self.parts:
+            part.sft_window(batches, epochs)
+
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         ctx, several = self.context(), len(self.parts) > 1
         loss, metrics = torch.zeros((), device=self.device), {}

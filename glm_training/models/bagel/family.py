@@ -18,7 +18,7 @@ from glm_training.parts.denoiser import preference_from_errors
 from glm_training.models.bagel.data import record_plan
 from glm_training.models.bagel.loading import load_bagel, load_bagel_tokenizer, save_bagel
 from glm_training.models.bagel.lora import load_lora, lora_target_modules, save_lora
-from glm_training.models.bagel.model import global_token_mean
+from glm_training.models.bagel.model import token_weights
 from glm_training.models.bagel.packing import (
     BagelSample,
     PackingConfig,
@@ -128,15 +128,30 @@ class BagelFamily(ModelFamily):
             return BagelSampleDataset(records)
         return super().dataset(records, layout)
 
+    def pack(self, batch: dict[str, Any], seed: int) -> Any:
+        """The micro-batch's one pack; `seed` fixes its CFG dropout (and, in `sft_loss`, timesteps, noise)."""
+        return pack_samples(batch["sample"], self.tokenizer, self.special, self.model.bagel_config,
+                            self.packing(), rng=random.Random(seed))
+
+    def sft_window(self, batches: list[dict[str, Any]], seeds: list[int]) -> None:
+        """An accumulation window starts: its packs are built now and their loss tokens counted
+        over every process, so that `sft_loss` divides by the tokens of the whole optimizer step
+        (`token_weights`) rather than by each micro-batch's own."""
+        packs = [self.pack(batch, seed) for batch, seed in zip(batches, seeds)]
+        weights = token_weights(sum(p.n_text_tokens for p in packs), sum(p.n_image_tokens for p in packs), len(packs))
+        self._window = {"packs": dict(zip(seeds, packs)), "weights": weights}
+
     def sft_loss(self, batch: dict[str, Any], seed: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """One pack per micro-batch; `seed` fixes the CFG dropout, timesteps and noise of the pack."""
-        packed = pack_samples(batch["sample"], self.tokenizer, self.special, self.model.bagel_config,
-                              self.packing(), rng=random.Random(seed))
+        """Text CE and image flow MSE, each per loss token: of the accumulation window begun by
+        `sft_window` (this micro-batch's share of it), else (evaluation) of this micro-batch."""
+        window = getattr(self, "_window", None)
+        packed = window["packs"].pop(seed, None) if window else None
         options = self.cfg.family_options or BagelOptions()
-        out = self.modules["bagel"](packed, generator=torch.Generator().manual_seed(seed))
-        # Per-token means over the tokens of every process (logged values stay per process).
-        text = global_token_mean(out["text_token_ce"].sum(), int(out["n_text_tokens"]))
-        image = global_token_mean(out["image_mse_per_sample"].sum(), int(out["n_image_tokens"]))
+        out = self.modules["bagel"](packed or self.pack(batch, seed), generator=torch.Generator().manual_seed(seed))
+        text_weight, image_weight = window["weights"] if packed is not None else (
+            1.0 / max(int(out["n_text_tokens"]), 1), 1.0 / max(int(out["n_image_tokens"]), 1))
+        text = out["text_token_ce"].sum() * text_weight
+        image = out["image_mse_per_sample"].sum() * image_weight
         loss = options.text_loss_weight * text + options.image_loss_weight * image
         return loss, {"loss": loss.item(), "text_ce": out["text_ce"].item(),
                       "image_mse": out["image_mse"].item()}
@@ -181,6 +196,23 @@ class BagelFamily(ModelFamily):
         return [sampler.generate(prompt, source, height=height, width=width, num_timesteps=num_inference_steps,
                                  cfg_text_scale=guidance_scale, seed=seed + index)
                 for index, (prompt, source) in enumerate(zip(prompts, sources))]
+
+    @torch.no_grad()
+    def answer(self, prompts: list, images: list | None = None, max_new_tokens: int = 64) -> list[str]:
+        """Greedy text answers of the understanding expert (fixed: no sampling, reproducible). Each
+        prompt is a question (str; `images`, if given, go through the ViT before every one), or a
+        conversation context (a list of sequence items: the turns before the answer). Images are
+        sized as in training (`packing()`: data.resolution), so evaluation sees what was trained."""
+        from glm_training.models.bagel.generate import BagelSampler
+
+        sampler = BagelSampler(self.unwrapped("bagel"), self.tokenizer, self.special, packing=self.packing())
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                out.append(sampler.generate_text(prompt, list(images or []), max_new_tokens=max_new_tokens))
+            else:
+                out.append(sampler.answer_context(list(prompt), max_new_tokens=max_new_tokens))
+        return out
 
     # -- the diffusion-side interface of the shared sampler, used by the GRPO trainer -------------
     #
@@ -327,6 +359,9 @@ class BagelPart(Denoiser):
 
     def sft_loss(self, batch, ctx):
         return self.family.sft_loss(batch, self.batch_seed(batch, ctx.epoch))
+
+    def sft_window(self, batches: list[dict[str, Any]], epochs: list[int]) -> None:
+        self.family.sft_window(batches, [self.batch_seed(b, e) for b, e in zip(batches, epochs)])
 
     def preference_loss(self, batch, ctx, pairs, beta):
         errors, ref_errors = self.family.preference_errors(batch, self.batch_seed(batch, ctx.epoch))

@@ -257,12 +257,22 @@ class BagelSampler:
                       generator: torch.Generator | None = None) -> str:
         """Understanding: answer `prompt` about `images` (official `chat`: images through the ViT,
         then the prompt, then decoding from <|im_start|> until <|im_end|>)."""
+        return self.answer_context([VitImageItem(image) for image in images] + [TextItem(prompt)],
+                                   max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                   generator=generator)
+
+    @torch.no_grad()
+    def answer_context(self, items: list[SequenceItem], *, max_new_tokens: int = 64, do_sample: bool = False,
+                       temperature: float = 1.0, generator: torch.Generator | None = None) -> str:
+        """The next assistant text after a context of sequence items (a conversation up to the
+        answer: system/user text, ViT images, clean VAE images), decoded as `generate_text` does.
+        Learned items of the plan (earlier answers, generated images) are given as plain context."""
         model = self.model
         device = model.device
         was_training = model.training
         model.eval()
         try:
-            context = self.build_context([VitImageItem(image) for image in images] + [TextItem(prompt)])
+            context = self.build_context([as_context(item) for item in items])
             cache, length, position = context.cache, context.length, context.next_position
             token = self.special.bos_token_id
             generated: list[int] = []
@@ -287,6 +297,16 @@ class BagelSampler:
         finally:
             model.train(was_training)
         return self.tokenizer.decode(generated)
+
+
+def as_context(item: SequenceItem) -> SequenceItem:
+    """An item of a training plan as context: no loss, no CFG dropout (an earlier answer is text
+    the model reads; an earlier generated image is a clean VAE image)."""
+    if isinstance(item, TextItem):
+        return TextItem(item.text)
+    if isinstance(item, VaeImageItem):
+        return VaeImageItem(item.image)
+    return VitImageItem(item.image)
 
 
 def _vit_ready(image: Image.Image | torch.Tensor, resize: ImageResize) -> Image.Image | torch.Tensor:

@@ -414,20 +414,23 @@ class PositionEmbedding(nn.Module):
 # BAGEL
 
 
-def global_token_mean(total: torch.Tensor, count: int) -> torch.Tensor:
-    """`total / count` with `count` summed over all processes, times the world size.
-
-    DDP averages gradients over processes, so after it every token weighs the same whichever rank
-    (and however full a pack) it is in: the official BAGEL recipe's normalisation. On one process
-    it is the plain per-token mean. Every rank must call it (it is a collective).
-    """
+def token_weights(text_tokens: int, image_tokens: int, micro_batches: int = 1) -> tuple[float, float]:
+    """The factors that turn a micro-batch's summed text CE and image MSE into its share of the
+    per-token means over one optimizer step: `micro_batches` x processes / (the step's loss tokens,
+    counted over every process). The trainer averages gradients over the accumulation window and
+    DDP over processes, so after both every loss token weighs the same whichever micro-batch or
+    rank it is in: the official recipe's normalisation. A collective when distributed (every rank
+    calls it); on one process with one micro-batch, the plain per-token means."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return total / max(count, 1)
-    counts = torch.tensor([float(count)], device=total.device)
-    dist.all_reduce(counts)
-    return total * dist.get_world_size() / counts.clamp(min=1)
+    counts, share = torch.tensor([float(text_tokens), float(image_tokens)], dtype=torch.float64), micro_batches
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if dist.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
+            counts = counts.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(counts)
+        share *= dist.get_world_size()
+    text, image = counts.tolist()
+    return share / max(text, 1.0), share / max(image, 1.0)
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
