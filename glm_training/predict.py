@@ -35,10 +35,6 @@ from glm_training.config import Config, ConfigError, config_from_dict, load_conf
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
-#: Edit families whose `sample` (for training-time samples) gives the pipeline the source image at
-#: the sampling size, as training saw it; predict calls their pipeline as a user does instead, so
-#: the source is resized by the pipeline's own rule (about 1 Mpx; Plus: 384x384 for the VL encoder).
-STOCK_EDIT_CALL = ("qwen_image_edit", "qwen_image_edit_plus")
 FINAL_DIR = "final"
 
 
@@ -210,29 +206,10 @@ class Predictor:
             raise ConfigError(f"model.family {self.cfg.model.family}: this family cannot sample images.")
         out = []
         for prompt in prompts:
-            if controls and self.cfg.model.family in STOCK_EDIT_CALL:
-                out += self._stock_edit(prompt, controls, chosen)
-                continue
-            control = None
-            if controls:
-                control = [controls[0] if len(controls) == 1 else list(controls)]
-            out += self.family.sample([prompt], height=int(chosen["height"]), width=int(chosen["width"]),
-                                      num_inference_steps=int(chosen["steps"]),
-                                      guidance_scale=float(chosen["guidance"]), seed=int(chosen["seed"]),
-                                      control_images=control)
+            out += self.family.predict_images(prompt, controls, height=int(chosen["height"]),
+                                              width=int(chosen["width"]), steps=int(chosen["steps"]),
+                                              guidance=float(chosen["guidance"]), seed=int(chosen["seed"]))
         return out
-
-    def _stock_edit(self, prompt: str, controls: list, chosen: dict[str, Any]) -> list:
-        """The edit pipeline called as a diffusers user calls it: the source images as given (the
-        pipeline resizes them to its own target areas), true CFG with an empty negative prompt."""
-        family = self.family
-        family._check_controls(len(controls))
-        guidance = float(chosen["guidance"])
-        pipe = family.pipeline(with_text_encoder=True)
-        kwargs: dict[str, Any] = {"negative_prompt": ""} if guidance > 1 else {}
-        return pipe(image=controls if len(controls) > 1 else controls[0], prompt=prompt, height=int(chosen["height"]),
-                    width=int(chosen["width"]), num_inference_steps=int(chosen["steps"]), true_cfg_scale=guidance,
-                    generator=torch.Generator("cpu").manual_seed(int(chosen["seed"])), **kwargs).images
 
     @torch.no_grad()
     def answer(self, prompts: str | Sequence[str], *, images: Sequence[Any] | None = None,

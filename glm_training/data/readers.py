@@ -75,7 +75,8 @@ def read_prompt_lines(path: Path) -> list[str]:
     return prompts
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Path, key: str = "data.path") -> str:
+    """The layout of `path` (named by the config key `key`, for the messages)."""
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
@@ -84,7 +85,7 @@ def detect_format(path: Path) -> str:
             return "prompts_txt"
         if suffix == ".parquet":
             return "pickapic"
-        raise DataError(f"data.path {path}: unknown file type {suffix!r}; use a .jsonl / .json manifest, a "
+        raise DataError(f"{key} {path}: unknown file type {suffix!r}; use a .jsonl / .json manifest, a "
                         ".txt of prompts, Pick-a-Pic .parquet, or a dataset folder.")
     if any((path / name).is_file() for name in MANIFEST_NAMES):
         return "metadata_jsonl"
@@ -94,7 +95,7 @@ def detect_format(path: Path) -> str:
         return "control_folder"
     if (path / "prompts.txt").is_file() or (path / "target_images").is_dir():
         return "folder"
-    raise DataError(f"data.path {path}: no known dataset layout found. Expected prompts.txt + "
+    raise DataError(f"{key} {path}: no known dataset layout found. Expected prompts.txt + "
                     "target_images/ [+ source_images/] or chosen/ + rejected/ (folder format), training_images/ "
                     "(NAME.png + NAME.txt) + control_images/ (control_folder format), a metadata.jsonl / "
                     "pairs.jsonl manifest, a prompts .txt, or Pick-a-Pic .parquet files.")

@@ -111,7 +111,7 @@ def _held_out(records: list[Record], fraction: float) -> set[int]:
 
 
 def _check(records: list[tuple[Record, list[str]]], problems: list[str], needs: set[str], fmt: str,
-           root: Path, same_control_count: bool) -> tuple[list[Record], list[str]]:
+           root: Path, same_control_count: bool, key: str) -> tuple[list[Record], list[str]]:
     """-> (good records, every problem). A field missing from every record is a layout error."""
     from glm_training.data.images import check_image
 
@@ -120,7 +120,7 @@ def _check(records: list[tuple[Record, list[str]]], problems: list[str], needs: 
             if not any(_has(r, name) for r, _ in records):
                 word = "prompts" if name == "prompt" else "BAGEL conversations" if name == "conversation" else \
                     f"'{name}' images"
-                raise DataError(f"data.path {root}: the {fmt} layout here has no {word}, which this training "
+                raise DataError(f"{key} {root}: the {fmt} layout here has no {word}, which this training "
                                 f"needs (fields {sorted(needs)}): {_hint(name, fmt)}.")
     good: list[Record] = []
     for record, found in records:
@@ -147,12 +147,13 @@ def _check(records: list[tuple[Record, list[str]]], problems: list[str], needs: 
 
 
 def _read(root: Path, fmt: str, split: str, needs: set[str], on_error: str,
-          same_control_count: bool) -> list[Record]:
+          same_control_count: bool, key: str = "data.path") -> list[Record]:
+    """`key`: the config key that named `root`, for the messages."""
     from glm_training.data import readers
 
     if not root.exists():
-        raise DataError(f"data.path {root}: does not exist.")
-    fmt = readers.detect_format(root) if fmt == "auto" else fmt
+        raise DataError(f"{key} {root}: does not exist.")
+    fmt = readers.detect_format(root, key) if fmt == "auto" else fmt
     if fmt not in readers.READERS:
         raise DataError(f"data.format: unknown format {fmt!r}; use auto or one of {', '.join(readers.READERS)}.")
     problems: list[str] = []
@@ -160,18 +161,18 @@ def _read(root: Path, fmt: str, split: str, needs: set[str], on_error: str,
     if split == "eval" and not entries and not problems:
         return []
     if problems and not entries:  # layout problems: nothing to skip to
-        raise DataError(f"data.path {root}: the dataset is not usable:\n  - " + "\n  - ".join(problems))
-    good, problems = _check(entries, problems, needs, fmt, root, same_control_count)
+        raise DataError(f"{key} {root}: the dataset is not usable:\n  - " + "\n  - ".join(problems))
+    good, problems = _check(entries, problems, needs, fmt, root, same_control_count, key)
     if problems:
         listing = "\n  - ".join(problems)
         if on_error == "skip":
             logger.warning("data.on_error: skip: leaving out %d problem(s) of %s (%d records kept):\n  - %s",
                            len(problems), root, len(good), listing)
         else:
-            raise DataError(f"data.path {root}: {len(problems)} problem(s) found before training:\n  - "
+            raise DataError(f"{key} {root}: {len(problems)} problem(s) found before training:\n  - "
                             f"{listing}\nFix or remove these files, or set data.on_error: skip.")
     if not good:
-        raise DataError(f"data.path {root}: no usable records.")
+        raise DataError(f"{key} {root}: no usable records.")
     if "conversation" in needs:
         from glm_training.models.bagel.data import record_plan
 
@@ -202,7 +203,7 @@ def load_records(data: Any, needs: set[str], split: str = "train", *,
         raise DataError(f"data.eval_fraction: {fraction} must be in [0, 0.5].")
     args = dict(needs=set(needs), on_error=data.on_error, same_control_count=same_control_count)
     if split == "eval" and eval_path:
-        return _read(Path(eval_path), "auto", "train", **args)
+        return _read(Path(eval_path), "auto", "train", key="data.eval_path", **args)
     if fraction:
         records = _read(Path(data.path), data.format, "train", **args)
         held = _held_out(records, fraction)

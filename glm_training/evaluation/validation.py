@@ -124,12 +124,7 @@ def load_eval_split(trainer_cls: Any, cfg: Any, parts: list) -> list:
     needs = trainer_cls.record_needs(cfg, parts)
     same_controls = cfg.training.batch_size > 1 and "conversation" not in needs
     eval_path = getattr(cfg.data, "eval_path", None)
-    try:
-        records = load_records(cfg.data, needs, split="eval", same_control_count=same_controls)
-    except DataError as error:
-        if eval_path and f"data.path {eval_path}" in str(error):  # the reader names the folder it read
-            raise DataError(str(error).replace(f"data.path {eval_path}", f"data.eval_path {eval_path}", 1)) from None
-        raise
+    records = load_records(cfg.data, needs, split="eval", same_control_count=same_controls)
     texts = [name for name in cfg.eval.metrics if name in TEXT_METRICS]
     if texts and not any(text_questions(r) for r in records):
         where = f"data.eval_path {eval_path}" if eval_path else "the eval split (data.eval_fraction / eval_* files)"

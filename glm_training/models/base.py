@@ -719,6 +719,14 @@ class ModelFamily(ABC):
         """On resume, every rank: what the family itself keeps of a run (e.g. counters it writes
         with `save_adapter`), read back from the checkpoint `folder`."""
 
+    def predict_images(self, prompt: str, controls: list, *, height: int, width: int, steps: int,
+                       guidance: float, seed: int) -> list:
+        """`glm_training.predict`: the images of one prompt (and its control / source images) as a
+        user of the family's diffusers pipeline gets them at this seed; by default `sample`."""
+        control = [controls[0] if len(controls) == 1 else list(controls)] if controls else None
+        return self.sample([prompt], height=height, width=width, num_inference_steps=steps,
+                           guidance_scale=guidance, seed=seed, control_images=control)
+
     def cache_identity(self) -> str:
         """What identifies the frozen encoders for the embedding cache (content, not path)."""
         from glm_training.data.cache import fingerprint_model_dir

@@ -392,6 +392,21 @@ class QwenImageEditFamily(QwenImageFamily):
                                true_cfg_scale=guidance_scale, generator=generator, **kwargs).images
         return images
 
+    def predict_images(self, prompt: str, controls: list, *, height: int, width: int, steps: int,
+                       guidance: float, seed: int) -> list:
+        """The edit pipeline called as a diffusers user calls it: the source images as given (the
+        pipeline resizes them by its own rule: about 1 Mpx; Plus: 384x384 for the VL encoder), not
+        at the sampling size as `sample` gives them for training-time samples."""
+        if not controls:
+            return super().predict_images(prompt, controls, height=height, width=width, steps=steps,
+                                          guidance=guidance, seed=seed)
+        self._check_controls(len(controls))
+        kwargs: dict[str, Any] = {"negative_prompt": ""} if guidance > 1 else {}
+        return self.pipeline(with_text_encoder=True)(
+            image=controls if len(controls) > 1 else controls[0], prompt=prompt, height=height, width=width,
+            num_inference_steps=steps, true_cfg_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed),
+            **kwargs).images
+
 
 class QwenImageEditPlusFamily(QwenImageEditFamily):
     """Qwen-Image-Edit-2509 ("Plus"): one or more control images, "Picture N:" slots in the prompt,
