@@ -579,9 +579,11 @@ class BaseTrainer(ABC):
 
     @classmethod
     def validate_data(cls, cfg: Config) -> str:
-        """`--validate`: the trainer's own record loading, without loading any weight."""
-        records = cls.records_for(cfg, build_family(cfg, "cpu", load=False).parts())
-        return f"{len(records)} records"
+        """`--validate`: the trainer's own record loading (training records, then the eval split),
+        without loading any weight."""
+        parts = build_family(cfg, "cpu", load=False).parts()
+        records, held_out = cls.records_for(cfg, parts), validation.load_eval_split(cls, cfg, parts)
+        return f"{len(records)} records" + (f" (+{len(held_out)} eval records)" if held_out else "")
 
     def batch_sampler(self, base: Any) -> tuple[Any, int]:
         """The sampler the loop iterates and the batches it serves per epoch (GRPO serves each block
